@@ -1,0 +1,251 @@
+"""The plan: what to parallelize and how, as frozen keyword-only dataclasses.
+
+A plan is a tree of *sections* (``parallel``, ``attention``, ``compile``, ...) plus a few top-level scalars
+(``model``). Each section is one dataclass that validates itself in ``__post_init__`` and raises
+``ValueError`` naming the plan key path (``parallel.ulysses``), what it must be and what it got.
+
+Adding a section is one dataclass (with ``SECTION = "<name>"``) plus one field on ``Plan``; ``SECTIONS``,
+``Plan.from_dict``/``to_dict`` and the unknown-key checks are derived from ``Plan``'s fields.
+
+Conventions: TOML has no null, so a field that may be ``None`` must default to ``None`` and ``to_dict``
+leaves ``None`` values out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "AttentionConfig",
+    "CompileConfig",
+    "ParallelConfig",
+    "Plan",
+    "SECTIONS",
+]
+
+
+# --- validation helpers -------------------------------------------------------------------------------
+
+
+def _got(value: Any) -> str:
+    """``-2``, ``'2'``, ``True (bool)``: the value, and its type where the repr alone would mislead."""
+    if type(value) in (int, float, str):
+        return repr(value)
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_int(key: str, value: Any, *, minimum: int = 1) -> None:
+    # bool is an int subclass: `ulysses = true` in a plan file is a mistake, not 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{key} must be an int >= {minimum}, got {_got(value)}")
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be a bool (true or false), got {_got(value)}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if isinstance(value, str) and value in choices:
+        return
+    valid = ", ".join(repr(c) for c in choices)
+    hint = _suggest(value, choices) if isinstance(value, str) else ""
+    raise ValueError(f"{key} must be one of {valid}, got {_got(value)}{hint}")
+
+
+def _suggest(name: str, valid: Any) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(path: str, given: Mapping[str, Any], valid: list[str]) -> None:
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+    for key in given:
+        if key not in valid:
+            full = f"{path}.{key}" if path else str(key)
+            raise ValueError(
+                f"plan key '{full}' is unknown{_suggest(str(key), valid)}; valid keys: {', '.join(valid)}"
+            )
+
+
+# --- sections -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Parallel degrees. Their product must equal the world size; ulysses is the innermost mesh axis."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    data: int = 1
+    """Data parallel: independent prompts/samples per replica."""
+    cfg: int = 1
+    """Classifier-free guidance parallel: 2 puts the conditional and unconditional batch on two ranks."""
+    pipefusion: int = 1
+    """PipeFusion: transformer blocks split into this many stages, patches pipelined with stale KV."""
+    ring: int = 1
+    """Ring attention: sequence parallel, K/V passed around the ring, partial results merged by LSE."""
+    ulysses: int = 1
+    """Ulysses: sequence parallel, all-to-all swaps the token shard for a head shard around attention."""
+
+    AXES: ClassVar[tuple[str, ...]] = ("data", "cfg", "pipefusion", "ring", "ulysses")
+
+    def __post_init__(self) -> None:
+        for axis in self.AXES:
+            _check_int(f"{self.SECTION}.{axis}", getattr(self, axis))
+        if self.cfg not in (1, 2):
+            raise ValueError(
+                f"{self.SECTION}.cfg must be 1 or 2 (conditional + unconditional), got {self.cfg}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """The product of all degrees: the number of processes this plan needs."""
+        size = 1
+        for axis in self.AXES:
+            size *= getattr(self, axis)
+        return size
+
+    @property
+    def sequence(self) -> int:
+        """The sequence-parallel (USP) degree: ring x ulysses."""
+        return self.ring * self.ulysses
+
+    def degrees(self) -> tuple[int, ...]:
+        """The degrees in mesh order (``AXES``), outermost first."""
+        return tuple(getattr(self, axis) for axis in self.AXES)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless the product of the degrees is ``world_size``."""
+        if self.world_size == world_size:
+            return
+        terms = " x ".join(f"{axis}={getattr(self, axis)}" for axis in self.AXES)
+        raise ValueError(
+            f"parallel degrees {terms} = {self.world_size} but the world size is {world_size}; "
+            f"change the degrees so their product is {world_size}, or launch {self.world_size} processes "
+            f"(torchrun --nproc_per_node={self.world_size})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """How the local attention (inside Ulysses/ring) is computed."""
+
+    SECTION: ClassVar[str] = "attention"
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "sdpa", "flash_attn", "yunchang", "math")
+
+    backend: str = "auto"
+    """auto (best available), sdpa (torch SDPA), flash_attn, yunchang, math (reference, slow)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(f"{self.SECTION}.backend", self.backend, self.BACKENDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """How the rewritten graph is lowered to code."""
+
+    SECTION: ClassVar[str] = "compile"
+    LOWERINGS: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onediff")
+
+    lowering: str = "eager"
+    """eager (run the rewritten graph as is), inductor (torch's compiler), onediff (optional package)."""
+    fullgraph: bool = False
+    """Fail instead of falling back when dynamo breaks the model into several graphs."""
+    dynamic: bool = False
+    """Trace with symbolic shapes so one compile serves several resolutions."""
+
+    def __post_init__(self) -> None:
+        _check_choice(f"{self.SECTION}.lowering", self.lowering, self.LOWERINGS)
+        _check_bool(f"{self.SECTION}.fullgraph", self.fullgraph)
+        _check_bool(f"{self.SECTION}.dynamic", self.dynamic)
+
+
+# --- the plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The whole recipe. Build one in code, with ``Plan.from_dict``, or with ``load_plan(path)``."""
+
+    model: str | None = None
+    """A diffusers model id or local path; only needed where the plan itself loads the model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel degrees (see ``ParallelConfig``)."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Local attention backend (see ``AttentionConfig``)."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """Lowering of the rewritten graph (see ``CompileConfig``)."""
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model must be a string (a diffusers model id or path), got {_got(self.model)}")
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise TypeError(
+                    f"Plan({name}=...) must be a {cls.__name__}, got {_got(value)}; "
+                    f"use Plan.from_dict to build a plan from plain dicts"
+                )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """Build a plan from nested plain dicts; unknown keys and wrong types raise ``ValueError``."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan must be a mapping of sections, got {_got(d)}")
+        _check_keys("", d, [f.name for f in dataclasses.fields(cls)])
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            section = SECTIONS.get(key)
+            if section is None:
+                kwargs[key] = value
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(f"plan key '{key}' must be a table of settings, got {_got(value)}")
+            _check_keys(key, value, [f.name for f in dataclasses.fields(section)])
+            kwargs[key] = section(**value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts that ``from_dict`` turns back into an equal plan (``None`` values left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECTIONS:
+                value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+            if value is not None:
+                out[f.name] = value
+        return out
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless the product of the parallel degrees is ``world_size``."""
+        self.parallel.check_world_size(world_size)
+
+    def unsupported_reason(self) -> str | None:
+        """Why this plan cannot run in this version, or ``None`` if it can."""
+        p = self.parallel
+        for axis in ("data", "cfg", "pipefusion"):
+            degree = getattr(p, axis)
+            if degree > 1:
+                return (
+                    f"parallel.{axis}={degree} is not implemented yet; only sequence parallelism "
+                    f"(parallel.ring, parallel.ulysses) runs in this version. "
+                    f"Set parallel.{axis}=1 and give the processes to ulysses or ring "
+                    f"(e.g. parallel.ulysses={p.ulysses * degree})"
+                )
+        return None
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Plan)
+    if f.default_factory is not dataclasses.MISSING and hasattr(f.default_factory, "SECTION")
+}
+"""Section name -> dataclass, derived from ``Plan``'s fields so a new section is declared in one place."""
+
+for _name, _cls in SECTIONS.items():
+    assert _cls.SECTION == _name, f"{_cls.__name__}.SECTION is {_cls.SECTION!r} but Plan names it {_name!r}"
