@@ -1,0 +1,6 @@
+"""Runtime: collectives and attention kernels as torch.library custom ops (namespace xdit)."""
+from . import tokens  # noqa: F401
+try:
+    from . import attention  # noqa: F401
+except ImportError:  # pragma: no cover - only while the module is being written
+    pass

@@ -1,0 +1,47 @@
+"""The pass pipeline: an explicit ordered list built from the plan, each pass timed and disableable.
+
+A pass is `<verb>_<thing>_pass(gm, ctx) -> bool` (modified). After each pass that modified the graph:
+`gm.graph.lint(); gm.recompile()`. A failure names the pass and the passes that ran before it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch.fx as fx
+
+from .find_attention import find_attention_pass
+from .rewrite_attention import rewrite_attention_pass
+from .shard_sequence import ShardContext, shard_sequence_pass
+
+
+def _shard(gm, ctx):
+    sctx = ShardContext(an=ctx.analysis, units=ctx.units, layout=ctx.layout, rank=ctx.sp_rank,
+                        size=ctx.sp_size, group=ctx.group_name("sp"))
+    ctx.shard = sctx
+    return shard_sequence_pass(gm, sctx)
+
+
+def build_pipeline(ctx) -> list[tuple[str, object]]:
+    passes = []
+    if ctx.sp_size > 1:
+        passes += [("find_attention", find_attention_pass), ("shard_sequence", _shard),
+                   ("rewrite_attention", rewrite_attention_pass)]
+    return [(name, fn) for name, fn in passes if name not in ctx.disabled_passes]
+
+
+def run_passes(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    done = []
+    for name, fn in build_pipeline(ctx):
+        t0 = time.perf_counter()
+        try:
+            modified = fn(gm, ctx)
+            if modified:
+                gm.graph.lint()
+                gm.recompile()
+        except Exception as e:
+            before = ", ".join(done) or "none"
+            raise type(e)(f"pass '{name}' failed (passes before it: {before}): {e}") from e \
+                if isinstance(e, (ValueError, TypeError, RuntimeError)) else e
+        ctx.timings[name] = time.perf_counter() - t0
+        done.append(name)
+    return gm

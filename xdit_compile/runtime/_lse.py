@@ -1,0 +1,165 @@
+"""Local attention that also returns the log-sum-exp (LSE), and the LSE merge used by ring attention.
+
+Shapes (suffix legend):
+    B batch, H heads, Sq query tokens, Sk key tokens, D q/k head dim, Dv v head dim.
+    q_BHSD (B, H, Sq, D); k_BHSD (B, H, Sk, D); v_BHSD (B, H, Sk, Dv); out_BHSD (B, H, Sq, Dv);
+    lse_BHS (B, H, Sq), always float32; bias_BHSS an additive mask broadcastable to (B, H, Sq, Sk).
+
+A query row whose keys are all masked has ``lse = -inf`` and ``out = 0`` here (the aten kernels return
+lse = 0 for such rows on CPU, which the LSE merge would count as weight 1). The merge keeps ``-inf`` rows
+NaN-free, so a row masked everywhere ends as 0, the same as ``F.scaled_dot_product_attention`` in torch 2.13.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+__all__ = ["BACKENDS", "as_additive_mask", "attention_with_lse", "check_backend", "merge_lse"]
+
+BACKENDS = ("auto", "sdpa", "math", "flash_attn", "yunchang")
+
+_OPTIONAL_PACKAGES = {"flash_attn": "flash_attn", "yunchang": "yunchang"}
+
+
+def check_backend(backend: str) -> None:
+    """ValueError for an unknown backend or one whose optional package is not installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; valid backends: {', '.join(BACKENDS)}")
+    package = _OPTIONAL_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(
+            f"attention backend {backend!r} needs the optional package {package!r}, which is not installed; "
+            f"install it or use backend='auto'"
+        )
+
+
+def as_additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True = attend) as an additive bias (0 / -inf); a float mask cast to ``dtype``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
+    return mask.to(dtype)
+
+
+def attention_with_lse(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over k/v with equal head counts; returns ``(out_BHSD, lse_BHS)``.
+
+    ``mask`` is bool (True = attend) or additive, broadcastable to (B, H, Sq, Sk). Every fused kernel is
+    tried inside ``try``; any failure falls back to a float32 math implementation.
+    """
+    check_backend(backend)
+    bias = as_additive_mask(mask, q_BHSD.dtype)
+    result = None
+    if backend in ("flash_attn", "yunchang") and bias is None:
+        result = _flash_attn_package(q_BHSD, k_BHSD, v_BHSD, scale)
+    elif backend != "math" and q_BHSD.size(-1) == v_BHSD.size(-1):
+        kernel = _aten_cuda if q_BHSD.is_cuda else _aten_cpu
+        try:
+            result = kernel(q_BHSD, k_BHSD, v_BHSD, bias, scale)
+        except RuntimeError:
+            result = None
+    if result is None:
+        return _math(q_BHSD, k_BHSD, v_BHSD, bias, scale)
+    out_BHSD, lse_BHS = result
+    lse_BHS = lse_BHS.float()
+    if bias is not None:
+        # Fused kernels disagree on fully masked rows (CPU flash returns lse = 0): make them -inf / 0.
+        dead = torch.isneginf(bias).all(dim=-1).expand_as(lse_BHS)
+        lse_BHS = lse_BHS.masked_fill(dead, float("-inf"))
+        out_BHSD = out_BHSD.masked_fill(dead.unsqueeze(-1), 0.0)
+    return out_BHSD, lse_BHS
+
+
+def merge_lse(
+    out_acc: torch.Tensor | None, lse_acc: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets: ``out = sum_i exp(lse_i - lse) * out_i``.
+
+    ``out_acc`` is float32 (``None`` on the first block); returns the float32 accumulator and its lse.
+    """
+    if out_acc is None:
+        return out_i.float(), lse_i
+    lse = torch.logaddexp(lse_acc, lse_i)
+    # Rows with no visible key yet have lse = -inf; subtracting 0 there keeps both weights 0, not NaN.
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_acc = torch.exp(lse_acc - ref).unsqueeze(-1)
+    w_i = torch.exp(lse_i - ref).unsqueeze(-1)
+    return out_acc * w_acc + out_i.float() * w_i, lse
+
+
+def _math(q_BHSD, k_BHSD, v_BHSD, bias, scale):
+    scale = 1.0 / math.sqrt(q_BHSD.size(-1)) if scale is None else scale
+    scores = torch.matmul(q_BHSD.float(), k_BHSD.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    lse_BHS = torch.logsumexp(scores, dim=-1)
+    ref = torch.where(torch.isneginf(lse_BHS), torch.zeros_like(lse_BHS), lse_BHS)
+    probs = torch.exp(scores - ref.unsqueeze(-1))
+    out_BHSD = torch.matmul(probs, v_BHSD.float()).to(q_BHSD.dtype)
+    return out_BHSD, lse_BHS
+
+
+def _aten_cpu(q_BHSD, k_BHSD, v_BHSD, bias, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_BHSD, k_BHSD, v_BHSD, attn_mask=bias, scale=scale
+    )
+    return out, lse
+
+
+def _aten_cuda(q_BHSD, k_BHSD, v_BHSD, bias, scale):
+    sq = q_BHSD.size(-2)
+    if bias is None:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_BHSD, k_BHSD, v_BHSD, scale=scale)[:2]
+            return out, lse
+        except RuntimeError:  # e.g. float32, or a head dim flash does not support
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q_BHSD, k_BHSD, v_BHSD, None, True, scale=scale
+            )[:2]
+            return out, _lse_BHS(lse, sq)
+    # The mem-efficient kernel wants the bias materialised with its last dim 16-aligned in memory, as
+    # F.scaled_dot_product_attention prepares it.
+    b, h, _, _ = q_BHSD.shape
+    sk = k_BHSD.size(-2)
+    pad = (-sk) % 16
+    bias = bias.expand(b, h, sq, sk)
+    if pad:
+        bias = torch.nn.functional.pad(bias, (0, pad))[..., :sk]
+    else:
+        bias = bias.contiguous()
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q_BHSD, k_BHSD, v_BHSD, bias, True, scale=scale
+    )[:2]
+    return out, _lse_BHS(lse, sq)
+
+
+def _lse_BHS(lse, sq):
+    # cudnn may return (B, H, Sq, 1); mem-efficient pads Sq to a multiple of 32.
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    return lse[..., :sq]
+
+
+def _flash_attn_package(q_BHSD, k_BHSD, v_BHSD, scale):
+    """flash-attn's kernel (B, S, H, D layout); ``None`` where it cannot run (CPU, float32)."""
+    if not q_BHSD.is_cuda or q_BHSD.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from flash_attn import flash_attn_func  # import-guarded by check_backend
+
+    out, lse, _ = flash_attn_func(
+        q_BHSD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2),
+        softmax_scale=scale, return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse
