@@ -234,13 +234,6 @@ def _ulysses_in(q, k, v, mask, pg, rank, sizes, enable_gqa, total, group_offset)
 
 def _ulysses_mask(mask_BHQK, pg, rank, sizes, hq, hp, total, group_offset):
     n, local, group_len = len(sizes), sizes[rank], sum(sizes)
-    h = hp // n
-    if mask_BHQK.size(1) == hq and hq > 1:  # each rank keeps its own heads' slice: no communication
-        if hp != hq:
-            fill = True if mask_BHQK.dtype == torch.bool else 0.0  # padded heads are dropped; keep them finite
-            pad = mask_BHQK.new_full((mask_BHQK.size(0), hp - hq, *mask_BHQK.shape[2:]), fill)
-            mask_BHQK = torch.cat([mask_BHQK, pad], dim=1)
-        mask_BHQK = mask_BHQK[:, rank * h : (rank + 1) * h]
     qm, km = mask_BHQK.size(2), mask_BHQK.size(3)
     rows_sharded = n > 1 and qm == local and local not in (1, total)
     if n > 1 and km == total and qm != total and min(sizes) == 1:
@@ -248,12 +241,20 @@ def _ulysses_mask(mask_BHQK, pg, rank, sizes, hq, hp, total, group_offset):
         flag = torch.tensor([float(rows_sharded)], device=mask_BHQK.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
         rows_sharded = bool(flag.item())
+    # Gathers come before the head split: the other ranks' pieces must cover this rank's heads.
     if km == local and local != total and n > 1:
         mask_BHQK = _all_gather_dim(mask_BHQK, pg, sizes, dim=3)
     if qm == total and total != group_len:
         mask_BHQK = mask_BHQK[:, :, group_offset : group_offset + group_len]
     elif rows_sharded:
         mask_BHQK = _all_gather_dim(mask_BHQK, pg, sizes, dim=2)
+    if mask_BHQK.size(1) == hq and hq > 1:
+        h = hp // n
+        if hp != hq:
+            fill = True if mask_BHQK.dtype == torch.bool else 0.0  # padded heads are dropped; keep them finite
+            pad = mask_BHQK.new_full((mask_BHQK.size(0), hp - hq, *mask_BHQK.shape[2:]), fill)
+            mask_BHQK = torch.cat([mask_BHQK, pad], dim=1)
+        mask_BHQK = mask_BHQK[:, rank * h : (rank + 1) * h]
     return mask_BHQK
 
 

@@ -1,0 +1,215 @@
+"""xdit::ulysses_attention / ring_attention / usp_attention against SDPA over the whole sequence.
+
+Every rank builds the same full q/k/v/mask from a seed, passes its shard to the op and compares its rows with
+``F.scaled_dot_product_attention`` on the full tensors (float32, 1e-5). One distributed call runs the whole
+case grid for one op and world size, so the suite pays few round trips on a 2-core machine.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_utils import run_distributed
+
+from xdit_compile.runtime import _lse
+from xdit_compile.runtime.attention import _prepare_mask, comm_bytes
+
+# name, Hq, Hkv, Dv, mask kind, extra op kwargs. D = 8, B = 2.
+CASES = [
+    ("plain", 4, 4, 8, None, {}),
+    ("3_heads", 3, 3, 8, None, {}),
+    ("gqa_4_2", 4, 2, 8, None, {"enable_gqa": True}),
+    ("gqa_3_1", 3, 1, 8, None, {"enable_gqa": True}),
+    ("gqa_pre_repeated", 4, 4, 8, None, {"repeat_kv_from": 2}),
+    ("key_padding_bool", 4, 4, 8, "key_padding", {}),
+    ("bias_per_head", 3, 3, 8, "bias_heads", {}),
+    ("full_float_rows", 4, 4, 8, "full_rows", {}),
+    ("full_float_unsharded", 4, 4, 8, "full", {}),
+    ("full_bool_dead_row", 4, 4, 8, "full_bool", {}),
+    ("scale", 4, 4, 8, "key_padding", {"scale": 0.3}),
+    ("dv_ne_d", 4, 2, 6, "bias_heads", {"enable_gqa": True}),
+    ("math_backend", 3, 3, 8, "key_padding", {"backend": "math"}),
+]
+
+
+def _full_inputs(case, total, seed=0):
+    _, hq, hkv, dv, mask_kind, extra = case
+    g = torch.Generator().manual_seed(seed)
+    b, d = 2, 8
+    q = torch.randn(b, hq, total, d, generator=g)
+    src_heads = extra.get("repeat_kv_from", hkv)
+    k = torch.randn(b, src_heads, total, d, generator=g)
+    v = torch.randn(b, src_heads, total, dv, generator=g)
+    if src_heads != hkv:
+        k, v = k.repeat_interleave(hkv // src_heads, 1), v.repeat_interleave(hkv // src_heads, 1)
+    mask = None
+    if mask_kind == "key_padding":  # the last 3 keys are padding: a whole shard when sizes end in 1
+        mask = torch.ones(b, 1, 1, total, dtype=torch.bool)
+        mask[:, :, :, -3:] = False
+        mask[1, :, :, 0] = False
+    elif mask_kind == "bias_heads":
+        mask = torch.randn(b, hq, 1, total, generator=g)
+    elif mask_kind in ("full_rows", "full"):
+        mask = torch.randn(b, 1, total, total, generator=g)
+    elif mask_kind == "full_bool":
+        mask = torch.rand(b, 1, total, total, generator=g) > 0.3
+        mask[0, 0, 1, :] = False  # a query that sees no key: SDPA gives 0
+    return q, k, v, mask
+
+
+def _local_mask(mask, mask_kind, lo, hi):
+    if mask is None or mask_kind in ("full", "full_bool"):
+        return mask  # the unsharded mask; the op takes its own rows
+    if mask_kind == "full_rows":
+        return mask[:, :, lo:hi].contiguous()  # query rows sharded, keys whole
+    return mask[..., lo:hi].contiguous()  # key dim sharded like k
+
+
+def _groups(op, world_size, ulysses_size):
+    """Group names for ``op``: (world) for ulysses/ring; (ulysses, ring) for USP, ring-major sp ranks."""
+    import torch.distributed as dist
+
+    if op != "usp_attention":
+        return (dist.group.WORLD.group_name,)
+    ring_size = world_size // ulysses_size
+    rank = dist.get_rank()
+    mine = {}
+    for r in range(ring_size):  # every rank creates every group, in the same order
+        g = dist.new_group([r * ulysses_size + u for u in range(ulysses_size)])
+        if rank // ulysses_size == r:
+            mine["ulysses"] = g
+    for u in range(ulysses_size):
+        g = dist.new_group([r * ulysses_size + u for r in range(ring_size)])
+        if rank % ulysses_size == u:
+            mine["ring"] = g
+    return mine["ulysses"].group_name, mine["ring"].group_name
+
+
+def _check_grid(rank, world_size, op, sizes, ulysses_size=1):
+    """Run every case; return the failures (empty = all match)."""
+    torch.manual_seed(0)
+    groups = _groups(op, world_size, ulysses_size)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    failures = []
+    for case in CASES:
+        name, hq, hkv, dv, mask_kind, extra = case
+        q, k, v, mask = _full_inputs(case, sum(sizes))
+        scale = extra.get("scale")
+        gqa = extra.get("enable_gqa", False)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[:, :, lo:hi]
+        args = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], _local_mask(mask, mask_kind, lo, hi), scale, gqa)
+        out = getattr(torch.ops.xdit, op)(*args, *groups, sizes, extra.get("backend", "auto"))
+        if out.shape != ref.shape or not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
+            err = (out - ref).abs().max().item() if out.shape == ref.shape else f"shape {tuple(out.shape)}"
+            failures.append(f"rank {rank} {op} {sizes} {name}: {err}")
+    return failures
+
+
+def _assert_grid(op, world_size, sizes, ulysses_size=1):
+    results = run_distributed(_check_grid, world_size, op, sizes, ulysses_size)
+    failures = [f for per_rank in results for f in per_rank]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [5, 3]], ids=["even", "uneven"])
+def test_ulysses_2(sizes):
+    _assert_grid("ulysses_attention", 2, sizes)
+
+
+def test_ulysses_4_uneven():
+    _assert_grid("ulysses_attention", 4, [4, 3, 3, 1])
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [5, 3]], ids=["even", "uneven"])
+def test_ring_2(sizes):
+    _assert_grid("ring_attention", 2, sizes)
+
+
+@pytest.mark.parametrize("sizes", [[2, 2, 2, 2], [4, 3, 3, 1]], ids=["even", "uneven"])
+def test_ring_4(sizes):
+    _assert_grid("ring_attention", 4, sizes)
+
+
+@pytest.mark.parametrize("sizes", [[2, 2, 2, 2], [4, 3, 3, 1]], ids=["even", "uneven"])
+def test_usp_ring2_ulysses2(sizes):
+    _assert_grid("usp_attention", 4, sizes, ulysses_size=2)
+
+
+def _check_compiled(rank, world_size):
+    import torch.distributed as dist
+
+    import xdit_compile.runtime.attention  # noqa: F401 - registers torch.ops.xdit
+
+    sizes = [5, 3]
+    group = dist.group.WORLD.group_name
+    case = ("compiled", 3, 3, 8, "key_padding", {})
+    q, k, v, mask = _full_inputs(case, sum(sizes))
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+
+    def f(q, k, v, mask):
+        out = torch.ops.xdit.ulysses_attention(q * 1.5, k, v, mask, None, False, group, sizes, "auto")
+        return out.transpose(1, 2).flatten(2) + 1.0
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)
+    args = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask[..., lo:hi].contiguous())
+    out = compiled(*args)
+    ref = F.scaled_dot_product_attention(q * 1.5, k, v, attn_mask=mask)[:, :, lo:hi].transpose(1, 2).flatten(2) + 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    return True
+
+
+def test_compiled_ulysses_matches():
+    assert run_distributed(_check_compiled, 2) == [True, True]
+
+
+# --- single-process pieces ------------------------------------------------------------------------------
+
+
+def test_attention_with_lse_merges_to_sdpa():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.4
+    mask[:, :, :, :2] = False  # the first block is fully masked for every row
+    mask[0, 0, 3] = False  # and this row sees nothing at all
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for backend in ("auto", "math"):
+        o1, l1 = _lse.attention_with_lse(q, k[:, :, :2], v[:, :, :2], mask[..., :2], None, backend)
+        o2, l2 = _lse.attention_with_lse(q, k[:, :, 2:], v[:, :, 2:], mask[..., 2:], None, backend)
+        assert torch.isneginf(l1).all()
+        out, lse = _lse.merge_lse(*_lse.merge_lse(None, None, o1, l1), o2, l2)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        full = torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(8) + _lse.as_additive_mask(mask, q.dtype), -1)
+        torch.testing.assert_close(lse, full)
+
+
+@pytest.mark.parametrize("backend", ["nope", "flash_attn", "yunchang"])
+def test_backend_errors_name_the_problem(backend):
+    import importlib.util
+
+    if backend != "nope" and importlib.util.find_spec(backend) is not None:
+        pytest.skip(f"{backend} is installed")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=backend):
+        torch.ops.xdit.ring_attention(q, q, q, None, None, False, "unused", [4], backend)
+
+
+def test_mask_sharded_on_both_dims_is_rejected():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="both query and key"):
+        _prepare_mask(torch.zeros(1, 1, 3, 3), q, local=3, total=8)
+    assert _prepare_mask(torch.zeros(1, 1, 3, 8), q, local=3, total=8).shape == (1, 1, 3, 8)
+    assert _prepare_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), q, local=3, total=8).shape == (1, 1, 1, 3)
+
+
+def test_comm_bytes():
+    q_shape, k_shape = (1, 4, 4, 8), (1, 4, 4, 8)
+    # Ulysses, 2 ranks x 4 tokens: send half of q, k, v (2 heads x 4 tokens x 8 each) and half of the output.
+    assert comm_bytes("ulysses_attention", q_shape, k_shape, 4, [4, 4], 2) == [4 * (3 * 2 * 4 * 8 + 2 * 4 * 8)] * 2
+    # Ring, 4 ranks, uneven: 3 sends of k+v padded to the longest shard (3 tokens).
+    assert comm_bytes("ring_attention", q_shape, k_shape, 2, [3, 2, 2, 1], 4) == [2 * 3 * 4 * 3 * 16] * 4
+    # GQA rotates the unrepeated k/v heads.
+    assert comm_bytes("xdit::ring_attention", q_shape, (1, 2, 4, 8), 2, [4, 4], 2, enable_gqa=True) == [2 * 2 * 4 * 16] * 2
+    usp = comm_bytes("usp_attention", q_shape, k_shape, 4, [2, 2, 2, 2], 2, ring_size=2)
+    assert usp == [4 * (3 * 2 * 2 * 8 + 2 * 2 * 8) + 4 * (2 * 4 * 16)] * 4
