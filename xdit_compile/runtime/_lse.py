@@ -120,25 +120,21 @@ def _aten_cpu(q_BHSD, k_BHSD, v_BHSD, bias, scale):
 
 def _aten_cuda(q_BHSD, k_BHSD, v_BHSD, bias, scale):
     sq = q_BHSD.size(-2)
-    if bias is None:
+    if bias is None and q_BHSD.dtype in (torch.float16, torch.bfloat16):
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_BHSD, k_BHSD, v_BHSD, scale=scale)[:2]
             return out, lse
-        except RuntimeError:  # e.g. float32, or a head dim flash does not support
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q_BHSD, k_BHSD, v_BHSD, None, True, scale=scale
-            )[:2]
-            return out, _lse_BHS(lse, sq)
+        except RuntimeError:  # e.g. a head dim flash does not support
+            pass
+    # cuDNN is not used: for float32 it returned NaN without raising (torch 2.11, H100).
     # The mem-efficient kernel wants the bias materialised with its last dim 16-aligned in memory, as
     # F.scaled_dot_product_attention prepares it.
-    b, h, _, _ = q_BHSD.shape
-    sk = k_BHSD.size(-2)
-    pad = (-sk) % 16
-    bias = bias.expand(b, h, sq, sk)
-    if pad:
-        bias = torch.nn.functional.pad(bias, (0, pad))[..., :sk]
-    else:
-        bias = bias.contiguous()
+    if bias is not None:
+        b, h, _, _ = q_BHSD.shape
+        sk = k_BHSD.size(-2)
+        pad = (-sk) % 16
+        bias = bias.expand(b, h, sq, sk)
+        bias = torch.nn.functional.pad(bias, (0, pad))[..., :sk] if pad else bias.contiguous()
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q_BHSD, k_BHSD, v_BHSD, bias, True, scale=scale
     )[:2]
@@ -146,7 +142,7 @@ def _aten_cuda(q_BHSD, k_BHSD, v_BHSD, bias, scale):
 
 
 def _lse_BHS(lse, sq):
-    # cudnn may return (B, H, Sq, 1); mem-efficient pads Sq to a multiple of 32.
+    # Mem-efficient pads Sq to a multiple of 32 (and other kernels have returned (B, H, Sq, 1)).
     if lse.dim() == 4:
         lse = lse[..., 0]
     return lse[..., :sq]

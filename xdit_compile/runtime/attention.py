@@ -30,6 +30,10 @@ A mask with both dims sharded (Q = K = S) is rejected: a rank would hold only th
 mask with the key dim whole (e.g. (B, 1, S, L) or the unsharded (B, 1, L, L)). Ulysses needs every query row,
 so a query-sharded mask is all-gathered (if some rank holds one token, where Q = 1 is ambiguous, the group
 agrees by a one-element all-reduce; if every rank holds one token, Q = 1 means broadcast).
+
+Limits: forward only (no autograd formula is registered); no causal masks, no dropout. A query row that sees
+no key gives 0 from the ring (as CPU SDPA does); the Ulysses path gives whatever the local SDPA kernel gives
+(CUDA SDPA in bf16 returned non-zero garbage for such rows).
 """
 
 from __future__ import annotations
@@ -241,11 +245,11 @@ def _ulysses_mask(mask_BHQK, pg, rank, sizes, hq, hp, total, group_offset):
         flag = torch.tensor([float(rows_sharded)], device=mask_BHQK.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
         rows_sharded = bool(flag.item())
+    if qm == total and total != group_len:  # USP: the rows of this Ulysses group's queries
+        mask_BHQK = mask_BHQK[:, :, group_offset : group_offset + group_len]
     # Gathers come before the head split: the other ranks' pieces must cover this rank's heads.
     if km == local and local != total and n > 1:
         mask_BHQK = _all_gather_dim(mask_BHQK, pg, sizes, dim=3)
-    if qm == total and total != group_len:
-        mask_BHQK = mask_BHQK[:, :, group_offset : group_offset + group_len]
     elif rows_sharded:
         mask_BHQK = _all_gather_dim(mask_BHQK, pg, sizes, dim=2)
     if mask_BHQK.size(1) == hq and hq > 1:
@@ -333,7 +337,7 @@ def _ring(q_BHSD, k_BHSD, v_BHSD, mask, scale, pg, rank, sizes, enable_gqa, back
     bias = None
     if mask is not None:
         if mask.size(3) == local and local != total:
-            mask = _all_gather_dim(mask.contiguous(), pg, sizes, dim=3)
+            mask = _all_gather_dim(mask, pg, sizes, dim=3)
         if mask.size(2) == total and total != local:
             mask = mask[:, :, offsets[rank] : offsets[rank] + local]
         bias = as_additive_mask(mask, q_BHSD.dtype)
