@@ -148,6 +148,7 @@ class _Rewriter:
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self):
+        self.force_full = {n.args[0] for n in self.g.nodes if _mutates(n) and not self._local_write_ok(n)}
         for n in list(self.g.nodes):
             if n.op in ("placeholder", "get_attr"):
                 self.mode[n] = "F"
@@ -169,7 +170,15 @@ class _Rewriter:
         if not touches:
             self.mode[n] = "L"
             return
-        how = self.decide(n)
+        if _mutates(n):
+            return self.visit_mutation(n)
+        multi = len(_sharded_dims(ctx, n)) > 1 or any(len(_sharded_dims(ctx, a)) > 1 for a in ins)
+        if n in self.force_full or (multi and not is_fn(n, td.SDPA)):
+            # A value with two token dims (a (L, L) mask) is kept whole: a LOCAL copy would hold only the
+            # diagonal block, which no gather can complete.
+            how = "full"
+        else:
+            how = self.decide(n)
         if how == "sink":
             self.map_args(n, self.as_full)
             self.mode[n] = "F"
@@ -181,10 +190,100 @@ class _Rewriter:
             self.map_args(n, self.as_full)
             self.mode[n] = "F"
             return
+        if how == "sequence_attention":
+            return self.visit_sequence_attention(n)
+        if not self._inherits_sharding(n, how):
+            # The op creates a sharded-class dim itself (a slice of a table, a repeat): run it at full
+            # size; its consumers take their part.
+            self.map_args(n, self.as_full)
+            self.mode[n] = "F"
+            return
         self.map_args(n, self.as_local)
         self.mode[n] = "L"
         if callable(how):
             how(n)
+
+    def visit_sequence_attention(self, n: fx.Node):
+        """q, k, v LOCAL; the mask keeps its key dim whole (the kernels gather keys, not mask blocks) and
+        takes this rank's rows of its query dim."""
+        ctx = self.ctx
+        mask = arg(n, 3, "attn_mask")
+        self.map_args(n, lambda a, user: a if a is mask else self.as_local(a, user))
+        if isinstance(mask, fx.Node):
+            md = _dims(ctx, mask)
+            sd = _sharded_dims(ctx, mask)
+            if len(md) - 1 in sd:
+                new = self.as_full(mask, n)
+                if len(md) - 2 in sd and td._shape(mask)[-2] > 1:
+                    with self.g.inserting_before(n):
+                        new = self.g.call_function(tokens.take, (new, len(md) - 2, ctx.positions(md[-2])))
+                    new.meta = dict(mask.meta)
+            else:
+                new = self.as_local(mask, n)
+            if "attn_mask" in n.kwargs:
+                n.kwargs = {**n.kwargs, "attn_mask": new}
+            else:
+                n.args = n.args[:3] + (new,) + n.args[4:]
+        self.mode[n] = "L"
+
+    def _inherits_sharding(self, n: fx.Node, how) -> bool:
+        """Every sharded dim of n's output comes from a sharded dim of an input (so LOCAL inputs give a
+        LOCAL output)."""
+        ctx, cl = self.ctx, self.ctx.an.classes
+        if getattr(how, "__name__", "") == "rewrite_expand":
+            return True
+        outs = ctx.an.dims.get(n)
+        outs = [outs] if isinstance(outs, list) else [o for o in (outs or ()) if isinstance(o, list)]
+        in_roots = set()
+        for a in n.all_input_nodes:
+            for c in _dims(ctx, a) or ():
+                in_roots.add(cl.find(c))
+
+        def inherited(c):
+            c = cl.find(c)
+            if c in in_roots or not ctx.sharded(c):
+                return True
+            if any(_descends(cl, r, c) for r in in_roots):
+                return True
+            return c not in ctx.units and cl.kind[c] != "atom" and all(inherited(p) for p in cl.parts[c])
+        return all(inherited(c) for o in outs for c in o)
+
+    def _local_write_ok(self, n: fx.Node) -> bool:
+        """Can this in-place write run on the LOCAL part of its target?"""
+        ctx, target = self.ctx, n.args[0]
+        if not isinstance(target, fx.Node) or not _sharded_dims(ctx, target):
+            return True
+        if n.target is not operator.setitem:
+            return True
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        xs = td._shape(target)
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        exp = []
+        for i in idx:
+            exp.extend([slice(None)] * (len(xs) - n_real) if i is Ellipsis else [i])
+        d = 0
+        for i in exp:
+            if i is None:
+                continue
+            if d in _sharded_dims(ctx, target) and \
+                    (not isinstance(i, slice) or i.indices(xs[d]) != (0, xs[d], 1)):
+                return False
+            d += 1
+        return True
+
+    def visit_mutation(self, n: fx.Node):
+        """In-place ops write into their first argument: never convert it (a converted copy would take the
+        write); the other arguments follow its mode."""
+        ctx = self.ctx
+        target = n.args[0]
+        mode = self.mode.get(target, "F")
+        if mode == "L" and not self._local_write_ok(n):
+            raise ValueError(f"in-place write {n.name} indexes the sharded token dim of {target.name}; "
+                             "this pattern is not supported by sequence parallelism")
+        conv = self.as_local if mode == "L" else self.as_full
+        n.args = (target,) + tuple(fx.node.map_arg(a, lambda x: conv(x, n)) for a in n.args[1:])
+        n.kwargs = fx.node.map_arg(n.kwargs, lambda x: conv(x, n))
+        self.mode[n] = mode
 
     # Decide how a node runs: "local", "sink", "full" or a callable that rewrites it after localising.
     def decide(self, n: fx.Node):
@@ -198,7 +297,8 @@ class _Rewriter:
         if is_fn(n, td.SDPA):
             return self.decide_sdpa(n)
         if is_fn(n, td.POINTWISE_FN) or is_method(n, td.POINTWISE_METHOD) or is_fn(n, {torch.nn.functional.linear}) \
-                or is_fn(n, td.LIKE_FN) or is_fn(n, {torch.cat, torch.concat, torch.stack, torch.outer}) \
+                or is_fn(n, td.LIKE_FN) or is_fn(n, {torch.view_as_complex, torch.view_as_real}) \
+                or is_fn(n, {torch.cat, torch.concat, torch.stack, torch.outer}) \
                 or is_method(n, {"unsqueeze"}) or is_fn(n, {torch.unsqueeze}) or is_method(n, td.PERMUTE) \
                 or is_fn(n, {torch.permute, torch.transpose, torch.swapaxes, torch.movedim}):
             return "local"
@@ -266,15 +366,17 @@ class _Rewriter:
             off = len(reps) - len(_dims(ctx, n.args[0]))
             if any(reps[i + off] != 1 for i in _sharded_dims(ctx, n.args[0])):
                 return "sink"
+            if any(reps[i] != 1 for i in _sharded_dims(ctx, n)):
+                return "full"
             return "local"
 
-        def rewrite(n):
+        def rewrite_expand(n):
             shape = tuple(_local_shape(ctx, n))
             if n.op == "call_method":
                 n.target, n.args, n.kwargs = "expand", (n.args[0], *shape), {}
             else:
                 n.args, n.kwargs = (n.args[0], shape), {}
-        return rewrite
+        return rewrite_expand
 
     def decide_reduce(self, n):
         ctx = self.ctx
@@ -406,11 +508,22 @@ class _Rewriter:
             if any(i < len(qs) - 2 for i in _sharded_dims(ctx, q)):
                 return "sink"
             n.meta["xdit_attention"] = {"kind": "sequence", "seq_sizes": sizes}
-            return "local"
+            return "sequence_attention"
         if k_sh:
             return "sink"
         n.meta["xdit_attention"] = {"kind": "local"}
         return "local"
+
+
+def _descends(cl, root: int, c: int) -> bool:
+    root = cl.find(root)
+    return any(cl.find(p) == c or _descends(cl, p, c) for p in cl.parts[root])
+
+
+def _mutates(n: fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.target is operator.setitem
+    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__")
 
 
 def _opname(n):
@@ -421,19 +534,24 @@ def choose_units(an: td.Analysis) -> tuple[frozenset[int], int | None]:
     """The sequence class to shard: the self-attention sequence with the most attention work."""
     cl = an.classes
     score: dict[int, int] = {}
+    cross: dict[int, int] = {}
     for n in an.attention:
         q, k = arg(n, 0, "query"), arg(n, 1, "key")
         qd, kd = an.dims.get(q), an.dims.get(k)
         if not isinstance(qd, list) or not isinstance(kd, list):
             continue
         cq, ck = cl.find(qd[-2]), cl.find(kd[-2])
-        if cq != ck or cl.size[cq] <= 1:
+        if cl.size[cq] <= 1:
             continue
         qs, ks = td._shape(q), td._shape(k)
         work = 1
         for s in qs[:-1]:
             work *= s
-        score[cq] = score.get(cq, 0) + work * ks[-2]
+        table = score if cq == ck else cross
+        table[cq] = table.get(cq, 0) + work * ks[-2]
+    # No softmax self-attention (Sana's linear attention is matmuls): shard the queries of the
+    # cross-attention, which are the image tokens; the rest of the graph follows them.
+    score = score or cross
     if not score:
         return frozenset(), None
     best = max(score, key=score.get)

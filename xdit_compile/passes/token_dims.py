@@ -87,6 +87,21 @@ class DimClasses:
         self.conflicts.append(f"{ka}{[self.size[x] for x in pa]} vs {kb}{[self.size[x] for x in pb]}")
         self.parent[b] = a
 
+    def close(self) -> None:
+        """Congruence closure: cat/prod classes whose parts are the same classes are the same class."""
+        changed = True
+        while changed:
+            changed = False
+            seen: dict[tuple, int] = {}
+            for c in range(len(self.parent)):
+                if self.parent[c] != c or self.kind[c] == "atom":
+                    continue
+                key = (self.kind[c], tuple(self.find(p) for p in self.parts[c]))
+                other = seen.setdefault(key, c)
+                if other != c:
+                    self.parent[c] = other
+                    changed = True
+
     def leaves(self, c: int, units: frozenset[int] = frozenset()) -> list[int]:
         """Leaf factors of a class (through prod only), stopping at units."""
         c = self.find(c)
@@ -170,7 +185,6 @@ POINTWISE_FN = {
     torch.nan_to_num, torch.float_power, torch.atan2, torch.polar, torch.complex, torch.relu,
     F.silu, F.gelu, F.relu, F.dropout, F.mish, F.softplus, F.leaky_relu, F.elu, F.hardswish, F.sigmoid,
     F.tanh, F.glu if False else F.silu, torch._C._nn.gelu, torch._C._nn.silu, torch.nn.functional.hardtanh,
-    torch.view_as_real, torch.view_as_complex,
 }
 POINTWISE_METHOD = {
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone", "detach", "sin",
@@ -179,7 +193,7 @@ POINTWISE_METHOD = {
     "__and__", "__or__", "__invert__", "logical_not", "add_", "mul_", "sub_", "div_", "exp_", "square",
     "reciprocal", "log", "log1p", "relu", "silu", "gelu", "erf", "lerp", "addcmul", "where", "expm1",
     "nan_to_num", "sign", "floor", "ceil", "round", "copy_", "requires_grad_", "fill_", "zero_",
-    "view_as_real", "real", "imag",
+    "real", "imag",
 }
 # dims: rule(dim arg) -> the dim is mixed (a reduction-like op along it)
 DIMWISE_FN = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.cumsum, torch.cumprod,
@@ -240,6 +254,7 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         if res is None:
             res = _fresh_for(n, cl)
         an.dims[n] = res
+    cl.close()
     return an
 
 
@@ -294,6 +309,18 @@ def _rule(n: fx.Node, an: Analysis):
     shp = _shape(n)
     if n.op in ("placeholder", "get_attr"):
         return None
+    if n.op == "call_function" and n.target is operator.setitem:
+        xd = _d(an, n.args[0])
+        if xd is None:
+            raise _NoRule("setitem on a non-tensor")
+        sub = _index_rule(n, an, xd)
+        vd = _d(an, n.args[2])
+        if vd is not None:
+            vs = _shape(n.args[2])
+            for j in range(1, min(len(sub), len(vd)) + 1):
+                if vs[-j] != 1:
+                    cl.unify(sub[-j], vd[-j])
+        return None
     if n.op == "call_function" and n.target is operator.getitem:
         src = n.args[0]
         sd = an.dims.get(src)
@@ -306,6 +333,10 @@ def _rule(n: fx.Node, an: Analysis):
         return None
     if is_fn(n, SDPA):
         return _sdpa_rule(n, an)
+    if is_fn(n, {torch.view_as_complex}):
+        return list(_d(an, n.args[0])[:-1])
+    if is_fn(n, {torch.view_as_real}):
+        return list(_d(an, n.args[0])) + [cl.new(2)]
     if is_fn(n, POINTWISE_FN) or is_method(n, POINTWISE_METHOD):
         return _broadcast(n, an, _tensor_args(n))
     if is_fn(n, {F.linear}):
