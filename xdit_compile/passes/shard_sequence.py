@@ -212,12 +212,14 @@ class _Rewriter:
         if isinstance(mask, fx.Node):
             md = _dims(ctx, mask)
             sd = _sharded_dims(ctx, mask)
-            if len(md) - 1 in sd:
-                new = self.as_full(mask, n)
-                if len(md) - 2 in sd and td._shape(mask)[-2] > 1:
-                    with self.g.inserting_before(n):
-                        new = self.g.call_function(tokens.take, (new, len(md) - 2, ctx.positions(md[-2])))
-                    new.meta = dict(mask.meta)
+            q_sharded = len(md) - 2 in sd and td._shape(mask)[-2] > 1
+            if len(md) - 1 in sd and q_sharded:
+                # keys in the kernels' rank-major order, rows of this rank's queries
+                rank_major = tuple(p for r in range(ctx.size) for p in ctx.positions(md[-1], r))
+                with self.g.inserting_before(n):
+                    new = self.g.call_function(tokens.take, (self.as_full(mask, n), len(md) - 1, rank_major))
+                    new = self.g.call_function(tokens.take, (new, len(md) - 2, ctx.positions(md[-2])))
+                new.meta = dict(mask.meta)
             else:
                 new = self.as_local(mask, n)
             if "attn_mask" in n.kwargs:
@@ -331,6 +333,10 @@ class _Rewriter:
             return self.decide_expand(n)
         if is_method(n, td.SPLIT_METHOD) or is_fn(n, td.SPLIT_FN):
             return self.decide_split(n)
+        if is_fn(n, td.PAD_FN):
+            x = n.args[0]
+            return "sink" if any(ctx.an.classes.find(_dims(ctx, x)[i]) != ctx.an.classes.find(_dims(ctx, n)[i])
+                                 for i in _sharded_dims(ctx, x)) else "local"
         if is_method(n, {"repeat_interleave"}) or is_fn(n, {torch.repeat_interleave}):
             dim = td._norm_dim(arg(n, 2, "dim"), len(_dims(ctx, n.args[0])))
             return "sink" if dim in _sharded_dims(ctx, n.args[0]) else "local"

@@ -219,6 +219,9 @@ SPLIT_FN = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.sp
             if hasattr(torch, "split_with_sizes") else torch.split}
 
 
+PAD_FN = {F.pad, torch._C._nn.pad}
+
+
 def op_key(n: fx.Node):
     return n.target if n.op == "call_function" else (("method", n.target) if n.op == "call_method" else None)
 
@@ -372,6 +375,11 @@ def _rule(n: fx.Node, an: Analysis):
             raise _NoRule("repeat_interleave without dim")
         dim = _norm_dim(dim, len(shp))
         return [c if i != dim else cl.new(shp[i]) for i, c in enumerate(xd)]
+    if is_fn(n, PAD_FN):
+        xd, pads = _d(an, n.args[0]), arg(n, 1, "pad")
+        k = len(pads) // 2
+        return [c if i < len(xd) - k or (pads[2 * (len(xd) - 1 - i)] == 0 and pads[2 * (len(xd) - 1 - i) + 1] == 0)
+                else cl.new(shp[i]) for i, c in enumerate(xd)]
     if is_fn(n, {torch.outer, torch.ger}):
         return [_d(an, n.args[0])[0], _d(an, n.args[1])[0]]
     if is_fn(n, CREATE_FN):
