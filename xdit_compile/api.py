@@ -33,6 +33,9 @@ def parallelize(model, plan, *, disable_passes=()):
         raise ValueError("this model was already parallelized with a different plan; "
                          "build a fresh model to apply another plan")
     compiler = XditCompiler(plan, disabled_passes=disable_passes)
+    if compiler.dims.sp_enabled:
+        from .models_registry.specs import apply_spec
+        compiler.spec = apply_spec(target)
     orig_forward = target.forward
     compiled = torch.compile(orig_forward, backend=compiler, fullgraph=plan.compile.fullgraph, dynamic=False)
     state = {"warned": False}

@@ -1,0 +1,27 @@
+"""Per-class help for the compiler, as data: which classes need something before capture, and what.
+
+Almost every diffusers DiT needs nothing: the analysis finds the token dims by itself. A spec exists only
+where dynamo cannot capture the attention as a graph. Keyed by class name; `apply_spec(model)` is called by
+parallelize() before capture and returns a description of what it changed (for explain).
+"""
+from __future__ import annotations
+
+from .mochi import use_masked_attention
+
+# class name -> (what it does, function(model) -> None)
+SPECS = {
+    "MochiTransformer3DModel": (
+        "joint attention with the prompt padding as a key mask (Mochi's processor gathers valid prompt "
+        "tokens with torch.nonzero per sample, a graph break)",
+        use_masked_attention,
+    ),
+}
+
+
+def apply_spec(model) -> str | None:
+    spec = SPECS.get(type(model).__name__)
+    if spec is None:
+        return None
+    what, fn = spec
+    fn(model)
+    return what
