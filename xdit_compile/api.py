@@ -70,8 +70,10 @@ def _warn_graph_breaks(compiler: XditCompiler) -> None:
         return
     from torch._dynamo.utils import counters
     reasons = sorted(counters.get("graph_break", {}).keys())
-    where = "; ".join(str(r).splitlines()[0][:160] for r in reasons[:5]) or "see TORCH_LOGS=graph_breaks"
-    warnings.warn(f"xdit: dynamo split the model into {len(compiler.reports)} graphs (graph breaks: {where}). "
+    why = "; ".join(str(r).splitlines()[0][:120] for r in reasons[:3]) or "see TORCH_LOGS=graph_breaks"
+    where = ", ".join(r["ends_at"] for r in compiler.reports[:-1][:5])
+    warnings.warn(f"xdit: dynamo split the model into {len(compiler.reports)} graphs: graph breaks after {where} "
+                  f"({why}). "
                   "Each graph is parallelized on its own and gathered at its boundary: correct, but slower.",
                   stacklevel=3)
 

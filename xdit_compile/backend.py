@@ -95,7 +95,19 @@ def _report(gm, ctx, index) -> dict:
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),
         "graph": gm,
+        "ends_at": _ends_at(gm),
     }
+
+
+def _ends_at(gm) -> str:
+    """file:line of the last traced op of a graph (where dynamo stopped, for graph-break warnings)."""
+    for n in reversed(list(gm.graph.nodes)):
+        st = n.meta.get("stack_trace")
+        if st:
+            lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip().startswith("File ")]
+            if lines:
+                return lines[-1].replace("File ", "").split(", in ")[0].replace('"', "")
+    return "?"
 
 
 def xdit_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
