@@ -1,0 +1,214 @@
+"""xdit-compile command line.
+
+    xdit-compile explain PLAN --model NAME_OR_FOLDER [--height H --width W] [--nproc N] [--dtype D]
+
+Runs one model under a plan and reports what the compiler did: on rank 0 it prints
+``xdit_compile.explain(model)``, the relative error of the parallel output against the one-process
+reference, and forward times. Runs under ``torchrun`` (one process per rank); ``--nproc N`` relaunches
+itself through ``torch.distributed.run`` with N local processes (standalone rendezvous on localhost).
+
+Mistakes (a bad plan, an unknown model, sizes the model can't take, degrees that don't fit the processes)
+print one ``xdit-compile: error: ...`` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake of the caller: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdit-compile", description="Sequence-parallel diffusers transformers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    e = sub.add_parser(
+        "explain", help="parallelize a model with a plan, run it once, print what the compiler did",
+        description="Build the model (same seed on every rank), compute the one-process reference, "
+                    "parallelize it with the plan, run a forward and print explain(), the relative error "
+                    "and forward times on rank 0. Run it under torchrun, or pass --nproc.")
+    e.add_argument("plan", help="plan file (.toml, .yaml)")
+    e.add_argument("--model", help="builtin model (flux-tiny, wan-tiny, pixart-tiny, flux-dev) or a local "
+                                   "diffusers folder; default: the plan's 'model'")
+    e.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    e.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    e.add_argument("--nproc", type=int, help="start this many local processes (torch.distributed.run)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _explain(args, argv)
+    except UsageError as e:
+        if _rank() == 0:  # every rank finds the same mistake; one line is enough
+            print(f"xdit-compile: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+class _usage:
+    """Turn the plan's and registry's ValueError / FileNotFoundError into a one-line UsageError."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if typ is not None and issubclass(typ, (ValueError, FileNotFoundError)):
+            raise UsageError(" ".join(str(e).split()) or typ.__name__) from None
+        return False
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _resolve(args):
+    """(plan, spec, height, width): everything checkable without processes, checked before launching."""
+    from . import models_registry
+    from .plan import load_plan
+
+    plan = load_plan(args.plan)
+    name = args.model or plan.model
+    if not name:
+        raise UsageError(f"no model: pass --model ({', '.join(models_registry.names())} or a local diffusers "
+                         f"folder) or set 'model' in {args.plan}")
+    spec = models_registry.resolve(name)
+    height, width = spec.check_size(args.height, args.width)
+    reason = plan.unsupported_reason()
+    if reason:
+        raise UsageError(reason)
+    return plan, spec, height, width
+
+
+def _explain(args, argv) -> int:
+    with _usage():
+        plan, spec, height, width = _resolve(args)
+    need = plan.parallel.world_size
+    if not _under_torchrun():
+        if args.nproc is None and need > 1:
+            raise UsageError(f"the plan needs {need} processes: pass --nproc {need}, "
+                             f"or run under torchrun --nproc_per_node={need}")
+        if args.nproc is not None and args.nproc < 1:
+            raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc is not None and args.nproc != need:
+            with _usage():
+                plan.check_world_size(args.nproc)  # the schema's message: degrees vs processes
+        if args.nproc is not None and args.nproc > 1:
+            return _relaunch(args.nproc, argv)
+    elif args.nproc is not None and args.nproc != int(os.environ["WORLD_SIZE"]):
+        raise UsageError(f"--nproc {args.nproc} but torchrun started {os.environ['WORLD_SIZE']} processes; "
+                         f"drop --nproc under torchrun")
+    return _run(plan, spec, height, width, args.dtype)
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Run this command again in ``nproc`` local processes (minus --nproc) via torch.distributed.run."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    env = dict(os.environ)
+    # torchrun would set 1 thread per process anyway, with a banner; share the cores out quietly instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "xdit_compile.cli", *rest]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(plan, spec, height, width, dtype_name) -> int:
+    import torch
+    import torch.distributed as dist
+    from torch.utils._pytree import tree_leaves
+
+    import xdit_compile
+    from .mesh import ParallelDims
+
+    try:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001  (quieter logs are a nicety)
+        pass
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+
+    with _usage():  # inits torch.distributed; degrees that don't fit: the same error on every rank
+        dims = ParallelDims.from_plan(plan.parallel)
+    device, rank, world = dims.device, dist.get_rank(), dist.get_world_size()
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if cuda else torch.float32)
+
+    from . import models_registry
+
+    model, spec = models_registry.load(spec.path or spec.name, seed=0, device=device, dtype=dtype)
+    if spec.path is None and world > 1:  # random weights: seeded alike, broadcast to be sure
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+    inputs = spec.inputs(height=height, width=width, device=device, dtype=dtype)
+
+    def forward():
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(**inputs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t0
+
+    ref, _ = forward()
+    ref, t_ref = forward()
+    ref = [t.detach().float() for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
+
+    xdit_compile.parallelize(model, plan)
+    out, t_first = forward()
+    out, t_par = forward()
+    out = [t.detach().float() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    num = sum(float((o - r).norm()) ** 2 for o, r in zip(out, ref)) ** 0.5
+    den = sum(float(r.norm()) ** 2 for r in ref) ** 0.5
+    err = torch.tensor([num / den if den else num], dtype=torch.float64, device=device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    err = float(err.item())
+
+    if rank == 0:
+        p = plan.parallel
+        degrees = ", ".join(f"{a}={getattr(p, a)}" for a in p.AXES if getattr(p, a) > 1) or "none"
+        nparams = sum(t.numel() for t in model.parameters())
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        print(f"model: {spec.name} ({spec.cls_name}, {nparams / 1e6:.2f}M parameters, {str(dtype)[6:]}) "
+              f"at {height}x{width}: {shapes}")
+        print(f"plan: {degrees}; {world} process(es) on {device.type}; attention {plan.attention.backend}, "
+              f"lowering {plan.compile.lowering}")
+        print(xdit_compile.explain(model))
+        print(f"max relative error vs 1-process reference: {err:.3e} (over {world} rank(s))")
+        print(f"forward: {t_par * 1e3:.1f} ms parallel ({t_first:.2f} s first call, with compile), "
+              f"{t_ref * 1e3:.1f} ms 1-process reference")
+        sys.stdout.flush()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
