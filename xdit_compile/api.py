@@ -33,6 +33,11 @@ def parallelize(model, plan, *, disable_passes=()):
         raise ValueError("this model was already parallelized with a different plan; "
                          "build a fresh model to apply another plan")
     compiler = XditCompiler(plan, disabled_passes=disable_passes)
+    # diffusers wraps many models' forward in one decorator (one code object): each parallelized model is
+    # a recompile of it, so the default limit of 8 is too low for a process that serves several models.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     if compiler.dims.sp_enabled:
         from .models_registry.specs import apply_spec
         compiler.spec = apply_spec(target)
@@ -44,6 +49,11 @@ def parallelize(model, plan, *, disable_passes=()):
         out = compiled(*args, **kwargs)
         if not state["warned"]:
             state["warned"] = True
+            if not compiler.reports and plan.parallel.world_size > 1:
+                raise RuntimeError(
+                    "xdit: dynamo ran the model without compiling it (its recompile limit was hit: many models "
+                    "share diffusers' forward wrapper). Call torch._dynamo.reset() before parallelize(), or raise "
+                    "torch._dynamo.config.recompile_limit")
             _warn_graph_breaks(compiler)
         return out
 
@@ -96,7 +106,8 @@ def format_reports(reports) -> str:
     lines = []
     for rep in reports:
         lines.append(f"graph {rep['subgraph']}: sequence-parallel degree {rep['sp_size']}, "
-                     f"sharded token segments (full lengths) {rep['units']}")
+                     f"sharded token segments (full lengths) {rep['units']}"
+                     + (f", batch {rep['cfg_batch'][0]} split over the cfg axis" if rep.get("cfg_batch") else ""))
         total = 0
         for a in rep["attention"]:
             b = a.get("bytes", 0)

@@ -26,8 +26,9 @@ class CompileContext:
     timings: dict = field(default_factory=dict)
     attention_report: list = field(default_factory=list)
     analysis: object = None
-    units: frozenset = frozenset()
+    unit_axis: dict = field(default_factory=dict)
     layout: dict = field(default_factory=dict)
+    cfg_external: bool = False
     seq_class: object = None
     shard: object = None
 
@@ -44,12 +45,28 @@ class CompileContext:
         return self.ulysses * self.ring
 
     @property
+    def cfg_size(self) -> int:
+        return self.dims.axis_size("cfg")
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.dims.axis_rank("cfg")
+
+    @property
+    def cfg_split(self) -> bool:
+        """Split a batched [uncond, cond] call over the cfg axis (unless a pipeline hook runs the two
+        calls on the two halves of the ranks itself)."""
+        return self.cfg_size > 1 and not self.cfg_external
+
+    @property
     def sp_rank(self) -> int:
         return self.dims.axis_rank("ring") * self.ulysses + self.dims.axis_rank("ulysses")
 
     def group_name(self, axis: str) -> str:
         if axis == "sp":
             return self.dims.sp_group.group_name
+        if axis == "cfg+sp":
+            return self.dims.group_name("replica")
         return self.dims.group_name(axis)
 
 
@@ -62,11 +79,12 @@ class XditCompiler:
             raise ValueError(reason)
         self.dims = dims if dims is not None else ParallelDims.from_plan(plan.parallel)
         self.disabled = frozenset(disabled_passes)
+        self.cfg_external = False
         self.reports: list[dict] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
-                             disabled_passes=self.disabled)
+                             disabled_passes=self.disabled, cfg_external=self.cfg_external)
         if ctx.sp_size > 1:
             _check_heads(gm, ctx)
         gm = run_passes(gm, ctx)
@@ -84,12 +102,12 @@ def _report(gm, ctx, index) -> dict:
     an = ctx.analysis
     unit_sizes = []
     if an is not None:
-        unit_sizes = [an.classes.size[u] for u in ctx.units]
+        unit_sizes = [an.classes.size[u] for u, a in ctx.unit_axis.items() if a == "sp"]
     return {
         "subgraph": index,
         "sp_size": ctx.sp_size,
         "units": unit_sizes,
-        "layout": {str(an.classes.size[u]) + f"#{u}": v for u, v in ctx.layout.items()} if an else {},
+        "cfg_batch": [an.classes.size[u] for u, a in ctx.unit_axis.items() if a == "cfg"] if an else [],
         "attention": ctx.attention_report,
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],

@@ -22,6 +22,8 @@ __all__ = ["ParallelDims", "SP_AXIS"]
 
 SP_AXIS = "sp"
 """The flattened ring x ulysses axis name, accepted wherever an axis name is."""
+REPLICA_AXIS = "replica"
+"""The flattened cfg x ring x ulysses axis (cfg-major): the ranks that together compute one model call."""
 
 _DEFAULT_TIMEOUT_S = 300.0
 
@@ -42,6 +44,8 @@ class ParallelDims:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self._sp_mesh = mesh[("ring", "ulysses")]._flatten(SP_AXIS)
+        # cfg x ring x ulysses, cfg-major: gathers of a dim that holds both batch and token shards.
+        self._replica_mesh = mesh[("cfg", "ring", "ulysses")]._flatten(REPLICA_AXIS)
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -72,6 +76,8 @@ class ParallelDims:
     def _axis_mesh(self, axis: str) -> DeviceMesh:
         if axis == SP_AXIS:
             return self._sp_mesh
+        if axis == REPLICA_AXIS:
+            return self._replica_mesh
         if axis not in ParallelConfig.AXES:
             valid = ", ".join((*ParallelConfig.AXES, SP_AXIS))
             raise ValueError(f"unknown mesh axis {axis!r}; valid axes: {valid}")

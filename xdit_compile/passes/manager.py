@@ -11,21 +11,30 @@ import torch.fx as fx
 
 from .find_attention import find_attention_pass
 from .rewrite_attention import rewrite_attention_pass
-from .shard_sequence import ShardContext, shard_sequence_pass
+from .shard_sequence import Axis, ShardContext, shard_sequence_pass
+from .split_cfg import split_cfg_pass
 
 
 def _shard(gm, ctx):
-    sctx = ShardContext(an=ctx.analysis, units=ctx.units, layout=ctx.layout, rank=ctx.sp_rank,
-                        size=ctx.sp_size, group=ctx.group_name("sp"))
+    axes = {"sp": Axis(ctx.sp_rank, ctx.sp_size, ctx.group_name("sp"))}
+    if ctx.cfg_split:
+        axes["cfg"] = Axis(ctx.cfg_rank, ctx.cfg_size, ctx.group_name("cfg"))
+        axes["cfg+sp"] = Axis(ctx.cfg_rank * ctx.sp_size + ctx.sp_rank, ctx.cfg_size * ctx.sp_size,
+                              ctx.group_name("cfg+sp"))
+    sctx = ShardContext(an=ctx.analysis, unit_axis=ctx.unit_axis, layout=ctx.layout, axes=axes)
     ctx.shard = sctx
     return shard_sequence_pass(gm, sctx)
 
 
 def build_pipeline(ctx) -> list[tuple[str, object]]:
     passes = []
+    if ctx.sp_size > 1 or ctx.cfg_split:
+        passes.append(("find_attention", find_attention_pass))
+        if ctx.cfg_split:
+            passes.append(("split_cfg", split_cfg_pass))
+        passes.append(("shard_sequence", _shard))
     if ctx.sp_size > 1:
-        passes += [("find_attention", find_attention_pass), ("shard_sequence", _shard),
-                   ("rewrite_attention", rewrite_attention_pass)]
+        passes.append(("rewrite_attention", rewrite_attention_pass))
     return [(name, fn) for name, fn in passes if name not in ctx.disabled_passes]
 
 

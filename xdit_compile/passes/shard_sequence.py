@@ -30,29 +30,57 @@ from . import token_dims as td
 from .token_dims import arg, is_fn, is_method
 
 
-@dataclass
-class ShardContext:
-    an: td.Analysis
-    units: frozenset[int]
-    layout: dict[int, list[tuple[int, int]]]     # unit -> per sp-rank (start, length)
+@dataclass(frozen=True)
+class Axis:
+    """A mesh axis the token/batch units are split over (as the sharding pass sees it)."""
     rank: int
     size: int
     group: str
+
+
+@dataclass
+class ShardContext:
+    an: td.Analysis
+    unit_axis: dict[int, str]                    # unit -> "sp" (sequence) | "cfg" (batch)
+    layout: dict[int, list[tuple[int, int]]]     # unit -> per rank of its axis: (start, length)
+    axes: dict[str, Axis]                        # "sp", "cfg" and the combined "cfg+sp" (cfg-major)
     events: list[dict] = field(default_factory=list)
     _pos: dict = field(default_factory=dict)
+    units: frozenset = frozenset()
 
-    def positions(self, c: int, rank: int | None = None) -> tuple[int, ...]:
-        r = self.rank if rank is None else rank
-        key = (self.an.classes.find(c), r)
+    def __post_init__(self):
+        self.units = frozenset(self.unit_axis)
+        self._sharded: dict[int, bool] = {}
+
+    def positions(self, c: int, ranks: dict[str, int] | None = None) -> tuple[int, ...]:
+        r = {name: ax.rank for name, ax in self.axes.items()}
+        r.update(ranks or {})
+        key = (self.an.classes.find(c), r.get("sp"), r.get("cfg"))
         if key not in self._pos:
-            self._pos[key] = tuple(self.an.classes.positions(c, self.units, self.layout, r))
+            self._pos[key] = tuple(self.an.classes.positions(
+                c, self.units, lambda u: self.layout[u][r[self.unit_axis[u]]]))
         return self._pos[key]
 
     def sharded(self, c: int) -> bool:
-        return self.an.classes.contains(c, self.units)
+        c = self.an.classes.find(c)
+        if c not in self._sharded:
+            self._sharded[c] = self.an.classes.contains(c, self.units)
+        return self._sharded[c]
 
     def local_size(self, c: int) -> int:
         return len(self.positions(c))
+
+    def axes_of(self, c: int) -> tuple[str, ...]:
+        cl = self.an.classes
+        return tuple(sorted({a for u, a in self.unit_axis.items() if cl.contains(c, frozenset([u]))}))
+
+    def group_of(self, axes: tuple[str, ...]):
+        """(Axis, rank index -> {axis: rank}) for a collective over exactly these axes."""
+        if len(axes) == 1:
+            a = axes[0]
+            return self.axes[a], lambda r: {a: r}
+        sp = self.axes["sp"].size
+        return self.axes["cfg+sp"], lambda r: {"cfg": r // sp, "sp": r % sp}
 
 
 def even_layout(length: int, parts: int) -> list[tuple[int, int]]:
@@ -73,6 +101,12 @@ def _dims(ctx, n):
 def _sharded_dims(ctx, n) -> list[int]:
     d = _dims(ctx, n)
     return [i for i, c in enumerate(d) if ctx.sharded(c)] if d is not None else []
+
+
+def _token_dims(ctx, n) -> int:
+    """How many dims of n hold sequence (sp) shards (a (L, L) mask has two)."""
+    d = _dims(ctx, n)
+    return sum(1 for c in d if ctx.sharded(c) and "sp" in ctx.axes_of(c)) if d is not None else 0
 
 
 def _local_shape(ctx, n) -> list[int]:
@@ -122,7 +156,8 @@ class _Rewriter:
             sent = 0
             for i in _sharded_dims(ctx, x):
                 c = _dims(ctx, x)[i]
-                per_rank = [ctx.positions(c, r) for r in range(ctx.size)]
+                ax, ranks_of = ctx.group_of(ctx.axes_of(c))
+                per_rank = [ctx.positions(c, ranks_of(r)) for r in range(ax.size)]
                 sizes = [len(p) for p in per_rank]
                 flat = [p for rp in per_rank for p in rp]
                 first = {}
@@ -130,10 +165,10 @@ class _Rewriter:
                     first.setdefault(p, q)
                 perm = tuple(first[p] for p in range(ctx.an.classes.size[ctx.an.classes.find(c)]))
                 perm = None if perm == tuple(range(len(flat))) else perm
-                cur = self.g.call_function(tokens.gather, (cur, i, ctx.group, sizes, perm))
+                cur = self.g.call_function(tokens.gather, (cur, i, ax.group, sizes, perm))
                 v = x.meta.get("example_value")
                 if isinstance(v, torch.Tensor):
-                    sent += v.numel() * v.element_size() * sizes[ctx.rank] // max(1, v.shape[i])
+                    sent += v.numel() * v.element_size() * sizes[ax.rank] // max(1, v.shape[i])
             cur.meta = dict(x.meta)
         ctx.an.dims[cur] = ctx.an.dims[x]
         ctx.events.append({"kind": "gather", "node": x.name, "before": before.name, "bytes": int(sent)})
@@ -172,7 +207,7 @@ class _Rewriter:
             return
         if _mutates(n):
             return self.visit_mutation(n)
-        multi = len(_sharded_dims(ctx, n)) > 1 or any(len(_sharded_dims(ctx, a)) > 1 for a in ins)
+        multi = _token_dims(ctx, n) > 1 or any(_token_dims(ctx, a) > 1 for a in ins)
         if n in self.force_full or (multi and not is_fn(n, td.SDPA)):
             # A value with two token dims (a (L, L) mask) is kept whole: a LOCAL copy would hold only the
             # diagonal block, which no gather can complete.
@@ -215,7 +250,7 @@ class _Rewriter:
             q_sharded = len(md) - 2 in sd and td._shape(mask)[-2] > 1
             if len(md) - 1 in sd and q_sharded:
                 # keys in the kernels' rank-major order, rows of this rank's queries
-                rank_major = tuple(p for r in range(ctx.size) for p in ctx.positions(md[-1], r))
+                rank_major = tuple(p for r in range(ctx.axes["sp"].size) for p in ctx.positions(md[-1], {"sp": r}))
                 with self.g.inserting_before(n):
                     new = self.g.call_function(tokens.take, (self.as_full(mask, n), len(md) - 1, rank_major))
                     new = self.g.call_function(tokens.take, (new, len(md) - 2, ctx.positions(md[-2])))
@@ -403,6 +438,10 @@ class _Rewriter:
         """n computes a partial sum over the local tokens: all-reduce it (mean: rescale first)."""
         ctx = self.ctx
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        x = n.args[1] if n.target is torch.baddbmm else n.args[0]
+        red = [c for i, c in enumerate(_dims(ctx, x)) if ctx.sharded(c) and not any(
+            ctx.an.classes.find(c) == ctx.an.classes.find(o) for o in _dims(ctx, n))]
+        group = ctx.group_of(tuple(sorted({a for c in red for a in ctx.axes_of(c)})))[0].group
         with self.g.inserting_after(n):
             scale = None
             if name == "mean":
@@ -418,7 +457,7 @@ class _Rewriter:
                 scale.meta = dict(n.meta)
             src = scale if scale is not None else n
             with self.g.inserting_after(src):
-                ar = self.g.call_function(torch.ops.xdit.all_reduce_sum, (src, ctx.group))
+                ar = self.g.call_function(torch.ops.xdit.all_reduce_sum, (src, group))
             ar.meta = dict(n.meta)
         ctx.an.dims[ar] = ctx.an.dims[n]
         if scale is not None:
@@ -506,12 +545,15 @@ class _Rewriter:
         qs, ks = _dims(ctx, q), _dims(ctx, k)
         q_sh, k_sh = ctx.sharded(qs[-2]), ctx.sharded(ks[-2])
         if k_sh and q_sh:
-            sizes = [len(ctx.positions(qs[-2], r)) for r in range(ctx.size)]
-            ksizes = [len(ctx.positions(ks[-2], r)) for r in range(ctx.size)]
+            if ctx.axes_of(qs[-2]) != ("sp",) or ctx.axes_of(ks[-2]) != ("sp",):
+                return "sink"
+            n_sp = ctx.axes["sp"].size
+            sizes = [len(ctx.positions(qs[-2], {"sp": r})) for r in range(n_sp)]
+            ksizes = [len(ctx.positions(ks[-2], {"sp": r})) for r in range(n_sp)]
             same = ctx.an.classes.find(qs[-2]) == ctx.an.classes.find(ks[-2])
             if sizes != ksizes or not same:
                 return "sink"
-            if any(i < len(qs) - 2 for i in _sharded_dims(ctx, q)):
+            if any("sp" in ctx.axes_of(qs[i]) for i in range(len(qs) - 2)):
                 return "sink"
             n.meta["xdit_attention"] = {"kind": "sequence", "seq_sizes": sizes}
             return "sequence_attention"

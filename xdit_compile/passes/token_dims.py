@@ -128,22 +128,23 @@ class DimClasses:
             return True
         return any(self.contains(p, units) for p in self.parts[c])
 
-    def positions(self, c: int, units: frozenset[int], layout: dict[int, list[tuple[int, int]]], rank: int) -> list[int]:
-        """Full-tensor positions along a dim of class `c` that `rank` holds, in local order."""
+    def positions(self, c: int, units: frozenset[int], span) -> list[int]:
+        """Full-tensor positions along a dim of class `c` that a rank holds, in local order.
+        `span(unit) -> (start, length)` is that rank's part of each unit."""
         c = self.find(c)
         if c in units:
-            start, length = layout[c][rank]
+            start, length = span(c)
             return list(range(start, start + length))
         if self.kind[c] == "cat":
             out, base = [], 0
             for p in self.parts[c]:
-                out.extend(base + i for i in self.positions(p, units, layout, rank))
+                out.extend(base + i for i in self.positions(p, units, span))
                 base += self.size[self.find(p)]
             return out
         if self.kind[c] == "prod" and self.contains(c, units):
             out = [0]
             for f in self.parts[c]:
-                sub = self.positions(f, units, layout, rank)
+                sub = self.positions(f, units, span)
                 n = self.size[self.find(f)]
                 out = [o * n + s for o in out for s in sub]
             return out

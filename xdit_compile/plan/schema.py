@@ -228,12 +228,12 @@ class Plan:
     def unsupported_reason(self) -> str | None:
         """Why this plan cannot run in this version, or ``None`` if it can."""
         p = self.parallel
-        for axis in ("data", "cfg", "pipefusion"):
+        for axis in ("pipefusion",):
             degree = getattr(p, axis)
             if degree > 1:
                 return (
-                    f"parallel.{axis}={degree} is not implemented yet; only sequence parallelism "
-                    f"(parallel.ring, parallel.ulysses) runs in this version. "
+                    f"parallel.{axis}={degree} is not implemented yet; data, cfg and sequence "
+                    f"parallelism (parallel.ring, parallel.ulysses) run in this version. "
                     f"Set parallel.{axis}=1 and give the processes to ulysses or ring "
                     f"(e.g. parallel.ulysses={p.ulysses * degree})"
                 )

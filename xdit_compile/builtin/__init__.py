@@ -1,0 +1,1 @@
+"""Built-in models whose weights ship inside the package (no download needed)."""
