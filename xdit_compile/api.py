@@ -26,6 +26,13 @@ def parallelize(model, plan, *, disable_passes=()):
         if not isinstance(target, torch.nn.Module):
             raise TypeError(f"parallelize() takes an nn.Module or a pipeline with .transformer, "
                             f"got {type(model).__name__}")
+        if getattr(target, "_xdit_plan", None) is not None:
+            if target._xdit_plan == plan:
+                return model
+            raise ValueError("this pipeline was already parallelized with a different plan; "
+                             "build a fresh one to apply another plan")
+        from .pipelines import parallelize_pipeline
+        return parallelize_pipeline(model, plan)
     prev = getattr(target, "_xdit_plan", None)
     if prev is not None:
         if prev == plan:
@@ -38,7 +45,7 @@ def parallelize(model, plan, *, disable_passes=()):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    if compiler.dims.sp_enabled:
+    if compiler.dims.sp_enabled or compiler.dims.axis_size("cfg") > 1:
         from .models_registry.specs import apply_spec
         compiler.spec = apply_spec(target)
     orig_forward = target.forward

@@ -165,6 +165,70 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.dynamic", self.dynamic)
 
 
+@dataclass(frozen=True, kw_only=True)
+class VaeConfig:
+    """How the pipeline's VAE decodes."""
+
+    SECTION: ClassVar[str] = "vae"
+
+    parallel: bool = False
+    """Patch-parallel decode: the latent is split by rows over all ranks (halo exchange, shared norms)."""
+
+    def __post_init__(self) -> None:
+        _check_bool(f"{self.SECTION}.parallel", self.parallel)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Inputs of `xdit-compile run`."""
+
+    SECTION: ClassVar[str] = "run"
+
+    prompt: Any = ""
+    """Text for text-to-image models, a class label (e.g. "7") for class-conditional ones; or a list, one per image."""
+    negative_prompt: str = ""
+    """Text of the unconditional branch (text models only)."""
+    num_inference_steps: int = 20
+    """Denoising steps."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; <= 1 turns CFG off."""
+    height: int = 0
+    """Image height in pixels (0: the model's default)."""
+    width: int = 0
+    """Image width in pixels (0: the model's default)."""
+    seed: int = 0
+    """Image i uses seed + i, so results do not depend on how images are split over ranks."""
+    num_images: int = 1
+    """How many images to make (split over the data axis)."""
+    output: str = "outputs/"
+    """Folder for images and the timing table."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, (str, int)) and not (
+                isinstance(self.prompt, list) and all(isinstance(p, (str, int)) for p in self.prompt)):
+            raise ValueError(f"run.prompt must be a string or a list of strings, got {_got(self.prompt)}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"run.negative_prompt must be a string, got {_got(self.negative_prompt)}")
+        _check_int(f"{self.SECTION}.num_inference_steps", self.num_inference_steps)
+        _check_int(f"{self.SECTION}.num_images", self.num_images)
+        _check_int(f"{self.SECTION}.height", self.height, minimum=0)
+        _check_int(f"{self.SECTION}.width", self.width, minimum=0)
+        _check_int(f"{self.SECTION}.seed", self.seed, minimum=0)
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            raise ValueError(f"run.guidance_scale must be a number, got {_got(self.guidance_scale)}")
+        if not isinstance(self.output, str) or not self.output:
+            raise ValueError(f"run.output must be a folder path, got {_got(self.output)}")
+        if isinstance(self.prompt, list) and len(self.prompt) not in (1, self.num_images):
+            raise ValueError(f"run.prompt has {len(self.prompt)} entries but run.num_images is {self.num_images}; "
+                             "give one prompt, or one per image")
+
+    def prompts(self) -> list[str]:
+        """One prompt per image."""
+        p = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        p = [str(x) for x in p]
+        return p * self.num_images if len(p) == 1 else p
+
+
 # --- the plan -----------------------------------------------------------------------------------------
 
 
@@ -180,10 +244,17 @@ class Plan:
     """Local attention backend (see ``AttentionConfig``)."""
     compile: CompileConfig = field(default_factory=CompileConfig)
     """Lowering of the rewritten graph (see ``CompileConfig``)."""
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    """VAE decode (see ``VaeConfig``)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Inputs of ``xdit-compile run`` (see ``RunConfig``)."""
+    dtype: str = "float32"
+    """Weights and compute dtype: float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model must be a string (a diffusers model id or path), got {_got(self.model)}")
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name, cls in SECTIONS.items():
             value = getattr(self, name)
             if not isinstance(value, cls):

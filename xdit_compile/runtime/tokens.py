@@ -66,3 +66,16 @@ def gather(x: torch.Tensor, dim: int, group: str, sizes: list[int], perm: tuple[
     if perm is not None:
         y = take(y, dim, perm)
     return y
+
+
+def all_gather_stack(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
+    """(world, *x.shape): every rank's x, in group rank order (same shape on every rank)."""
+    return torch.ops.xdit.all_gather_cat(x.unsqueeze(0), 0, group, [1] * world)
+
+
+def gather_objects(obj, group: str | None = None) -> list:
+    """Every rank's picklable object, in rank order (between our own processes only)."""
+    pg = _pg(group) if group else None
+    out = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(out, obj, group=pg)
+    return out
