@@ -41,13 +41,60 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--nproc", type=int, help="start this many local processes (torch.distributed.run)")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    r = sub.add_parser(
+        "run", help="generate with the plan's model (builtin:digits, a diffusers folder or hub id)",
+        description="Load the plan's model, parallelize it with the plan, generate the [run] images and write "
+                    "PNGs (GIFs for video), a grid and a timing table to run.output. Run it under torchrun, "
+                    "or pass --nproc.")
+    r.add_argument("plan", help="plan file (.toml, .yaml)")
+    r.add_argument("--nproc", type=int, help="start this many local processes (torch.distributed.run)")
+    r.add_argument("--prompt", help="overrides run.prompt")
+    r.add_argument("--steps", type=int, help="overrides run.num_inference_steps")
+    r.add_argument("--seed", type=int, help="overrides run.seed")
+    r.add_argument("--output", help="overrides run.output")
     return p
+
+
+def _run_command(args, argv) -> int:
+    from .plan import Plan, load_plan
+    with _usage():
+        plan = load_plan(args.plan)
+        over = {k: v for k, v in (("prompt", args.prompt), ("num_inference_steps", args.steps),
+                                  ("seed", args.seed), ("output", args.output)) if v is not None}
+        if over:
+            d = plan.to_dict()
+            d["run"] = {**d.get("run", {}), **over}
+            plan = Plan.from_dict(d)
+        reason = plan.unsupported_reason()
+        if reason:
+            raise UsageError(reason)
+        if not plan.model:
+            raise UsageError(f"{args.plan} has no 'model'; set model = \"builtin:digits\" or a diffusers folder")
+        if plan.parallel.cfg > 1 and plan.run.guidance_scale <= 1:
+            raise UsageError(f"parallel.cfg={plan.parallel.cfg} splits classifier-free guidance, but "
+                             f"run.guidance_scale={plan.run.guidance_scale} turns it off; set it > 1 or cfg = 1")
+    need = plan.parallel.world_size
+    if not _under_torchrun():
+        if args.nproc is None and need > 1:
+            raise UsageError(f"the plan needs {need} processes: pass --nproc {need}, "
+                             f"or run under torchrun --nproc_per_node={need}")
+        if args.nproc is not None and args.nproc != need:
+            with _usage():
+                plan.check_world_size(args.nproc)
+        if args.nproc is not None and args.nproc > 1:
+            return _relaunch(args.nproc, argv)
+    from .pipelines.run import run
+    with _usage():
+        run(plan)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return _run_command(args, argv)
         return _explain(args, argv)
     except UsageError as e:
         if _rank() == 0:  # every rank finds the same mistake; one line is enough
