@@ -65,7 +65,8 @@ def load_transformer(dtype: torch.dtype = torch.float32, path: str | Path | None
     """The shipped ``DiTTransformer2DModel`` (eval mode, label dropout off)."""
     from diffusers import DiTTransformer2DModel
 
-    model = DiTTransformer2DModel.from_pretrained(str(path or TRANSFORMER_DIR), torch_dtype=dtype)
+    model = DiTTransformer2DModel.from_pretrained(str(path or TRANSFORMER_DIR), torch_dtype=dtype,
+                                                  low_cpu_mem_usage=False)
     return disable_label_dropout(model).eval()
 
 
