@@ -132,7 +132,7 @@ def _write(images, prompts, out: Path, timing, plan, dims):
     else:
         for i, im in enumerate(imgs):
             Image.fromarray(_u8(im)).save(out / f"image_{i:03d}.png")
-        cols = min(len(imgs), 8)
+        cols = min(len(imgs), 10)
         rows = (len(imgs) + cols - 1) // cols
         c, h, w = imgs.shape[1:]
         grid = torch.zeros(c, rows * h, cols * w)
