@@ -184,13 +184,11 @@ class _Rewriter:
     # -- the walk ---------------------------------------------------------------------------------
     def run(self):
         self.force_full = {n.args[0] for n in self.g.nodes if _mutates(n) and not self._local_write_ok(n)}
-        for n in list(self.g.nodes):
+        for n in list(self.g.nodes):              # nodes inserted on the way are not in this list
             if n.op in ("placeholder", "get_attr"):
                 self.mode[n] = "F"
             elif n.op == "output":
                 self.map_args(n, self.as_full)
-            elif n in self.local_of.values() or n in self.full_of.values():
-                continue
             else:
                 self.visit(n)
 
