@@ -240,7 +240,7 @@ def _run(plan, spec, height, width, dtype_name) -> int:
 
     if rank == 0:
         p = plan.parallel
-        degrees = ", ".join(f"{a}={getattr(p, a)}" for a in p.AXES if getattr(p, a) > 1) or "none"
+        degrees = ", ".join(f"{a}={getattr(p, a)}" for a in p.AXES if getattr(p, a) > 1) or "no parallelism"
         nparams = sum(t.numel() for t in model.parameters())
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
         print(f"model: {spec.name} ({spec.cls_name}, {nparams / 1e6:.2f}M parameters, {str(dtype)[6:]}) "
