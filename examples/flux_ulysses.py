@@ -5,6 +5,7 @@
 
 Random weights (seeded, so equal on every rank); on GPUs each process uses cuda:LOCAL_RANK.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import xdit_compile
 from xdit_compile import models_registry
 
 plan = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("ulysses2.toml")
-device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0))) \
-    if torch.cuda.is_available() else torch.device("cpu")
+if torch.cuda.is_available():
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+else:
+    device = torch.device("cpu")
 
 spec = models_registry.get("flux-tiny")
 model = spec.build(seed=0, device=device)        # same seed on every rank -> same weights
