@@ -60,10 +60,19 @@ def _cases(rank, world_size):
     out = {}
     kl, wan = _tiny_kl(), _tiny_wan()
     with torch.no_grad():
-        heights = {2: (8, 7), 4: (8, 10)}[world_size]
+        # even, uneven, and a slab of 1 row (thinner than 2 halos: the conv redoes it whole)
+        heights = {2: (8, 7, 3), 4: (8, 10, 5)}[world_size]
         for h in heights:
             z = _latents((2, 4, h, 6), seed=h)
             out[f"kl_h{h}"] = _rel_err(parallel_decode(kl, z), kl.decode(z).sample)
+
+        if world_size == 2:  # bfloat16: as close to the float32 decode as the serial bfloat16 decode is
+            z = _latents((1, 4, 7, 6), seed=7)
+            ref = kl.decode(z).sample
+            kl16 = _tiny_kl().to(torch.bfloat16)
+            z16 = z.to(torch.bfloat16)
+            out["bf16_serial_vs_fp32"] = _rel_err(kl16.decode(z16).sample.float(), ref)
+            out["bf16_parallel_vs_fp32"] = _rel_err(parallel_decode(kl16, z16).float(), ref)
 
         h = {2: 5, 4: 6}[world_size]
         z = _latents((1, 4, 2, h, 5), seed=h)  # 2 latent frames: the causal feature cache is exercised
@@ -111,6 +120,13 @@ def test_wan_matches_serial(world_size):
     for rank, res in enumerate(_results(world_size)):
         errs = {k: v for k, v in res.items() if k.startswith("wan_")}
         assert len(errs) == 2 and all(e < TOL for e in errs.values()), (rank, errs)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_bfloat16_within_serial_noise():
+    for rank, res in enumerate(_results(2)):
+        serial, par = res["bf16_serial_vs_fp32"], res["bf16_parallel_vs_fp32"]
+        assert par <= 2 * serial + 1e-3, (rank, serial, par)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -4,9 +4,11 @@ The latent (replicated on every rank of ``group``) is split along its height, un
 not divide, and each rank runs the unmodified diffusers decoder on its slab. For the duration of the decode,
 hooks on the decoder's modules make the slab computation equal to the unsplit one:
 
-    conv with kernel > 1 along H   a forward pre-hook pads H with the neighbours' edge rows (P2P halo
-                                   exchange; zeros at the global top/bottom = the conv's own zero padding);
-                                   the conv's H padding is set to 0 meanwhile. W, time and caches untouched.
+    conv with kernel > 1 along H   runs on the slab with its own padding; a forward hook then exchanges
+                                   halo rows with the neighbours (P2P) and recomputes the few output rows
+                                   next to each neighbour from [halo, own edge rows]. The global top/bottom
+                                   keep the conv's own padding; W, time and Wan's frame cache are untouched
+                                   (the cache's rows travel with the halo). No padded copy of the slab.
     nn.GroupNorm                   statistics per (batch, group) combined over the ranks (one all_gather of
                                    count/mean/M2 per norm, Chan's parallel variance), then one normalisation
     attention over H*W pixels      (diffusers ``Attention`` in the mid-block, ``WanAttentionBlock``) its input
@@ -61,7 +63,7 @@ def split_rows(height: int, num_ranks: int) -> list[int]:
     if height < num_ranks:
         raise ValueError(
             f"latent height {height} is smaller than the {num_ranks} ranks of the VAE group: every rank needs at "
-            f"least one latent row; decode on a group of at most {height} ranks or with a taller latent"
+            f"least one latent row; decode on a group of no more than {height} or with a taller latent"
         )
     base, extra = divmod(height, num_ranks)
     return [base + (r < extra) for r in range(num_ranks)]
@@ -104,27 +106,23 @@ class _Slab:
 # --- collectives (the only torch.distributed calls) -------------------------------------------------------
 
 
-def _halo_pad(x: torch.Tensor, halo: int, slab: _Slab, who: str) -> torch.Tensor:
-    """x with ``halo`` rows of each neighbour above and below along H (zeros at the global edges)."""
+def _exchange_halos(x: torch.Tensor, halo: int, slab: _Slab) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``halo`` rows just above this slab (the neighbour above's last rows) and just below it; None at
+    the global top/bottom. Sends this slab's first rows up and last rows down."""
     h = x.dim() - 2
-    if min(slab.sizes(x.shape[h])) < halo:
-        raise ValueError(
-            f"{who} needs {halo} halo rows but a rank holds only {min(slab.sizes(x.shape[h]))} rows at this "
-            "resolution; decode with fewer ranks or a taller latent"
-        )
     edge_shape = (*x.shape[:h], halo, x.shape[-1])
-    top = x.new_zeros(edge_shape) if slab.prev is None else x.new_empty(edge_shape)
-    bottom = x.new_zeros(edge_shape) if slab.next is None else x.new_empty(edge_shape)
+    top = x.new_empty(edge_shape) if slab.prev is not None else None
+    bottom = x.new_empty(edge_shape) if slab.next is not None else None
     ops = []
-    if slab.prev is not None:
+    if top is not None:
         ops += [dist.P2POp(dist.isend, x.narrow(h, 0, halo).contiguous(), slab.prev, slab.group),
                 dist.P2POp(dist.irecv, top, slab.prev, slab.group)]
-    if slab.next is not None:
+    if bottom is not None:
         ops += [dist.P2POp(dist.isend, x.narrow(h, x.shape[h] - halo, halo).contiguous(), slab.next, slab.group),
                 dist.P2POp(dist.irecv, bottom, slab.next, slab.group)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
-    return torch.cat([top, x, bottom], dim=h)
+    return top, bottom
 
 
 def _gather_rows(x: torch.Tensor, slab: _Slab) -> torch.Tensor:
@@ -142,9 +140,10 @@ def _gather_rows(x: torch.Tensor, slab: _Slab) -> torch.Tensor:
 def _global_group_stats(x: torch.Tensor, num_groups: int, slab: _Slab) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance per (batch, group) over all ranks' slabs, float32, shape (B * G,)."""
     x_BGL = x.reshape(x.shape[0], num_groups, -1)
-    if x.dtype in _LOW_PRECISION:  # float32 statistics, one group at a time so no full-size upcast copy
-        var, mean = (torch.stack(t, dim=1) for t in zip(*(
-            torch.var_mean(x_BGL[:, g].float(), dim=-1, correction=0) for g in range(num_groups))))
+    if x.dtype in _LOW_PRECISION:  # float32 statistics from quarter-size upcast chunks: below the peak that
+        # the norm's own output sets, where a whole float32 copy (2x the input's bytes) would raise it
+        var, mean = (torch.cat(t, dim=1) for t in zip(*(
+            torch.var_mean(chunk.float(), dim=-1, correction=0) for chunk in x_BGL.chunk(4, dim=1))))
     else:
         var, mean = torch.var_mean(x_BGL, dim=-1, correction=0)
     count = torch.full_like(mean, x_BGL.shape[-1])
@@ -175,16 +174,42 @@ def _group_norm_forward(norm: nn.GroupNorm, slab: _Slab, x: torch.Tensor) -> tor
     return y.mul_(w).add_(bias)  # one full-size tensor, as the native kernel
 
 
-def _conv_pre_hook(module, args, kwargs, *, halo: int, slab: _Slab, who: str):
-    args = list(args)
-    args[0] = _halo_pad(args[0], halo, slab, who)
-    # WanCausalConv3d(x, cache_x): the cached frames are rows of this slab too, and only used when it pads time
-    if isinstance(module, WanCausalConv3d) and module._padding[4] > 0:
-        if len(args) > 1 and isinstance(args[1], torch.Tensor):
-            args[1] = _halo_pad(args[1], halo, slab, who)
-        elif isinstance(kwargs.get("cache_x"), torch.Tensor):
-            kwargs = {**kwargs, "cache_x": _halo_pad(kwargs["cache_x"], halo, slab, who)}
-    return tuple(args), kwargs
+def _conv_post_hook(module, args, kwargs, out, *, halo: int, slab: _Slab, who: str):
+    """The conv already ran on the slab with its own padding, which is right except in the ``halo`` output
+    rows next to a neighbour. Recompute those from [neighbour's halo rows, own first 2*halo rows] (and the
+    mirror at the bottom): no slab-sized padded copy, so peak memory is the serial decode's over N."""
+    x = args[0]
+    h = x.dim() - 2
+    rows = x.shape[h]
+    if min(slab.sizes(rows)) < halo:
+        raise ValueError(
+            f"{who} needs {halo} halo rows but a rank holds only {min(slab.sizes(rows))} rows at this "
+            "resolution; decode with fewer ranks or a taller latent"
+        )
+    # WanCausalConv3d(x, cache_x): the cached frames are rows of this slab too (used only when it pads time).
+    # They travel with x in one message, concatenated along time.
+    cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
+    if not (isinstance(module, WanCausalConv3d) and module._padding[4] > 0 and isinstance(cache, torch.Tensor)):
+        cache = None
+    xc = x if cache is None else torch.cat([cache, x], dim=2)
+    top, bottom = _exchange_halos(xc, halo, slab)
+
+    def conv(piece: torch.Tensor) -> torch.Tensor:  # the module's own forward (no hooks) on a few rows
+        if cache is None:
+            return module.forward(piece)
+        c, p = piece.split([cache.shape[2], x.shape[2]], dim=2)
+        return module.forward(p, c)
+
+    if rows < 2 * halo:  # a slab this thin is cheap to redo whole
+        full = conv(torch.cat([t for t in (top, xc, bottom) if t is not None], dim=h))
+        return full.narrow(h, halo if top is not None else 0, rows)
+    if top is not None:
+        fixed = conv(torch.cat([top, xc.narrow(h, 0, 2 * halo)], dim=h))
+        out.narrow(h, 0, halo).copy_(fixed.narrow(h, halo, halo))
+    if bottom is not None:
+        fixed = conv(torch.cat([xc.narrow(h, rows - 2 * halo, 2 * halo), bottom], dim=h))
+        out.narrow(h, rows - halo, halo).copy_(fixed.narrow(h, halo, halo))
+    return out
 
 
 def _gather_pre_hook(module, args, kwargs, *, slab: _Slab):
@@ -232,27 +257,15 @@ def _patch_conv(name: str, conv: nn.Module, slab: _Slab) -> Callable[[], None] |
     p = _h_padding(conv)
     if k == 1 and p == 0:
         return None
-    if s != 1 or 2 * p != d * (k - 1) or conv.padding_mode != "zeros":
+    if s != 1 or 2 * p != d * (k - 1):
         raise NotImplementedError(
-            f"{name} ({type(conv).__name__}, kernel {k}, stride {s}, dilation {d}, padding {p}, "
-            f"{conv.padding_mode!r}): patch-parallel decode supports only stride-1, size-preserving, zero-padded "
-            "convs along H"
+            f"{name} ({type(conv).__name__}, kernel {k}, stride {s}, dilation {d}, padding {p}): patch-parallel "
+            "decode supports only stride-1, size-preserving convs along H"
         )
-    if isinstance(conv, WanCausalConv3d):
-        saved, attr = conv._padding, "_padding"
-        conv._padding = (*saved[:2], 0, 0, *saved[4:])
-    else:
-        saved, attr = conv.padding, "padding"
-        conv.padding = (*saved[:-2], 0, saved[-1])
-    handle = conv.register_forward_pre_hook(
-        functools.partial(_conv_pre_hook, halo=p, slab=slab, who=name), with_kwargs=True
+    handle = conv.register_forward_hook(
+        functools.partial(_conv_post_hook, halo=p, slab=slab, who=name), with_kwargs=True
     )
-
-    def undo() -> None:
-        handle.remove()
-        setattr(conv, attr, saved)
-
-    return undo
+    return handle.remove
 
 
 def _patch_group_norm(norm: nn.GroupNorm, slab: _Slab) -> Callable[[], None]:
