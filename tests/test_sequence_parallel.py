@@ -210,7 +210,14 @@ def _check_matches(per_rank: list[dict], label: str) -> None:
             f"{label} rank {rank}: relative error {r['rel_err']:.3e} >= {REL_TOL}\n{r['explain']}")
 
 
-def _check_parallel(per_rank: list[dict], sp_size: int, label: str, *, linear_attention: bool = False) -> None:
+def _expected_kind(parallel: dict) -> str:
+    """What a rewritten attention's "became" starts with under these degrees."""
+    ulysses, ring = parallel.get("ulysses", 1), parallel.get("ring", 1)
+    return "usp" if ulysses > 1 and ring > 1 else "ulysses" if ulysses > 1 else "ring"
+
+
+def _check_parallel(per_rank: list[dict], sp_size: int, label: str, *, linear_attention: bool = False,
+                    kind: str | None = None) -> None:
     for rank, r in enumerate(per_rank):
         assert r["n_graphs"] >= 1, f"{label} rank {rank}: no graph was compiled"
         assert all(s == sp_size for s in r["sp_sizes"]), f"{label} rank {rank}: sp_size {r['sp_sizes']} != {sp_size}"
@@ -222,6 +229,9 @@ def _check_parallel(per_rank: list[dict], sp_size: int, label: str, *, linear_at
             assert r["n_parallel_attention"] > 0, (
                 f"{label} rank {rank}: no attention became ulysses/ring/usp ({r['became']})\n{r['explain']}")
             assert r["attention_bytes"] > 0, f"{label} rank {rank}: parallel attention sent 0 bytes\n{r['explain']}"
+            if kind is not None:
+                wrong = [b for b in r["became"] if b.startswith(PARALLEL_KINDS) and not b.startswith(kind)]
+                assert not wrong, f"{label} rank {rank}: expected {kind} attention, got {wrong}"
     first = per_rank[0]
     for rank, r in enumerate(per_rank[1:], 1):  # every rank compiled the same program
         assert (r["became"], r["units"], r["n_graphs"]) == (first["became"], first["units"], first["n_graphs"]), (
@@ -246,7 +256,7 @@ def test_grid(plan, model):
     label = f"{model} {plan}"
     _check_matches(per_rank, label)
     _check_parallel(per_rank, parallel.get("ulysses", 1) * parallel.get("ring", 1), label,
-                    linear_attention=model in LINEAR_ATTENTION)
+                    linear_attention=model in LINEAR_ATTENTION, kind=_expected_kind(parallel))
 
 
 @pytest.mark.parametrize("model", ["flux", "wan", "pixart"])
@@ -254,7 +264,7 @@ def test_inductor_lowering(model):
     per_rank = _case_results("inductor", model)
     label = f"{model} ulysses2 inductor"
     _check_matches(per_rank, label)
-    _check_parallel(per_rank, 2, label)
+    _check_parallel(per_rank, 2, label, kind="ulysses")
 
 
 # --- uneven shapes ------------------------------------------------------------------------------------
@@ -264,7 +274,7 @@ def test_inductor_lowering(model):
 def test_uneven_tokens_usp(key):
     per_rank = _case_results("uneven4", key)
     _check_matches(per_rank, key)
-    _check_parallel(per_rank, 4, key)
+    _check_parallel(per_rank, 4, key, kind="usp")
     # the odd token segments really were sharded (not all left at full size)
     assert any(u % 4 for u in per_rank[0]["units"]), f"{key}: sharded segments {per_rank[0]['units']}"
 
@@ -273,7 +283,7 @@ def test_uneven_tokens_usp(key):
 def test_odd_grid_2(key):
     per_rank = _case_results("extras2", key)
     _check_matches(per_rank, key)
-    _check_parallel(per_rank, 2, key)
+    _check_parallel(per_rank, 2, key, kind=_expected_kind(UNEVEN_2[key]["parallel"]))
     assert any(u % 2 for u in per_rank[0]["units"]), f"{key}: sharded segments {per_rank[0]['units']}"
 
 
@@ -281,7 +291,7 @@ def test_heads_not_divisible_ulysses():
     """3 heads over ulysses=2: the output must still match, and attention still goes through Ulysses."""
     per_rank = _case_results("extras2", "flux_heads3_ulysses2")
     _check_matches(per_rank, "flux heads=3 ulysses2")
-    _check_parallel(per_rank, 2, "flux heads=3 ulysses2")  # still Ulysses (heads padded), not a local fallback
+    _check_parallel(per_rank, 2, "flux heads=3 ulysses2", kind="ulysses")  # still Ulysses (heads padded), not a local fallback
 
 
 # --- graph breaks -------------------------------------------------------------------------------------
