@@ -106,19 +106,19 @@ class _Slab:
 # --- collectives (the only torch.distributed calls) -------------------------------------------------------
 
 
-def _exchange_halos(x: torch.Tensor, halo: int, slab: _Slab) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The ``halo`` rows just above this slab (the neighbour above's last rows) and just below it; None at
-    the global top/bottom. Sends this slab's first rows up and last rows down."""
-    h = x.dim() - 2
-    edge_shape = (*x.shape[:h], halo, x.shape[-1])
-    top = x.new_empty(edge_shape) if slab.prev is not None else None
-    bottom = x.new_empty(edge_shape) if slab.next is not None else None
+def _exchange_halos(
+    first: torch.Tensor, last: torch.Tensor, slab: _Slab
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Send this slab's ``first`` rows up and ``last`` rows down; return the rows just above this slab (the
+    neighbour above's last rows) and just below it, None at the global top/bottom."""
+    top = torch.empty_like(first) if slab.prev is not None else None
+    bottom = torch.empty_like(last) if slab.next is not None else None
     ops = []
     if top is not None:
-        ops += [dist.P2POp(dist.isend, x.narrow(h, 0, halo).contiguous(), slab.prev, slab.group),
+        ops += [dist.P2POp(dist.isend, first.contiguous(), slab.prev, slab.group),
                 dist.P2POp(dist.irecv, top, slab.prev, slab.group)]
     if bottom is not None:
-        ops += [dist.P2POp(dist.isend, x.narrow(h, x.shape[h] - halo, halo).contiguous(), slab.next, slab.group),
+        ops += [dist.P2POp(dist.isend, last.contiguous(), slab.next, slab.group),
                 dist.P2POp(dist.irecv, bottom, slab.next, slab.group)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
@@ -187,27 +187,30 @@ def _conv_post_hook(module, args, kwargs, out, *, halo: int, slab: _Slab, who: s
             "resolution; decode with fewer ranks or a taller latent"
         )
     # WanCausalConv3d(x, cache_x): the cached frames are rows of this slab too (used only when it pads time).
-    # They travel with x in one message, concatenated along time.
+    # Their edge rows travel with x's in one message, concatenated along time.
     cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
-    if not (isinstance(module, WanCausalConv3d) and module._padding[4] > 0 and isinstance(cache, torch.Tensor)):
-        cache = None
-    xc = x if cache is None else torch.cat([cache, x], dim=2)
-    top, bottom = _exchange_halos(xc, halo, slab)
+    parts = [cache, x] if (isinstance(module, WanCausalConv3d) and module._padding[4] > 0
+                           and isinstance(cache, torch.Tensor)) else [x]
+
+    def rows_of(start: int, num: int) -> torch.Tensor:
+        pieces = [t.narrow(h, start, num) for t in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     def conv(piece: torch.Tensor) -> torch.Tensor:  # the module's own forward (no hooks) on a few rows
-        if cache is None:
+        if len(parts) == 1:
             return module.forward(piece)
-        c, p = piece.split([cache.shape[2], x.shape[2]], dim=2)
+        c, p = piece.split([parts[0].shape[2], x.shape[2]], dim=2)
         return module.forward(p, c)
 
+    top, bottom = _exchange_halos(rows_of(0, halo), rows_of(rows - halo, halo), slab)
     if rows < 2 * halo:  # a slab this thin is cheap to redo whole
-        full = conv(torch.cat([t for t in (top, xc, bottom) if t is not None], dim=h))
+        full = conv(torch.cat([t for t in (top, rows_of(0, rows), bottom) if t is not None], dim=h))
         return full.narrow(h, halo if top is not None else 0, rows)
     if top is not None:
-        fixed = conv(torch.cat([top, xc.narrow(h, 0, 2 * halo)], dim=h))
+        fixed = conv(torch.cat([top, rows_of(0, 2 * halo)], dim=h))
         out.narrow(h, 0, halo).copy_(fixed.narrow(h, halo, halo))
     if bottom is not None:
-        fixed = conv(torch.cat([xc.narrow(h, rows - 2 * halo, 2 * halo), bottom], dim=h))
+        fixed = conv(torch.cat([rows_of(rows - 2 * halo, 2 * halo), bottom], dim=h))
         out.narrow(h, rows - halo, halo).copy_(fixed.narrow(h, halo, halo))
     return out
 
