@@ -45,13 +45,6 @@ _PLACEHOLDER = ("AlternatingCFG assumes two transformer calls per step; with CFG
 _PHASE = ("AlternatingCFG.calls is never reset between pipe() calls (reset() has no caller): after a call with "
           "an odd number of transformer calls the next CFG-on call pairs its calls out of phase")
 XFAIL: dict[tuple[str, str, str], str] = {
-    ("test_output_type", "data2", "wan"): (
-        "DataParallelCall rebuilds only outputs with .images; WanPipelineOutput (.frames) comes back as a tuple, "
-        "so pipe(...).frames raises AttributeError"),
-    ("test_cfg_off_clear_error_or_serial", "cfg2", "flux"): _PLACEHOLDER + " (FluxPipeline's default true_cfg_scale=1)",
-    ("test_cfg_off_clear_error_or_serial", "cfg2", "wan"): _PLACEHOLDER,
-    ("test_cfg_on_after_cfg_off", "cfg2", "flux"): _PHASE,
-    ("test_cfg_on_after_cfg_off", "cfg2", "wan"): _PHASE,
 }
 """(test function, plan, pipeline) -> reason, for cases known broken in xdit_compile (strict=False: a fix
 shows as XPASS)."""
@@ -294,5 +287,5 @@ def test_cfg_kinds_agree_with_xdit_compile():
 
     classes = {"pixart": "PixArtSigmaPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
                "wan": "WanPipeline"}
-    assert {classes[n] for n in TWO_CALL_CFG} <= TWO_CALL
-    assert not {classes[n] for n in BATCHED_CFG} & TWO_CALL
+    assert {classes[n] for n in TWO_CALL_CFG} <= set(TWO_CALL)
+    assert not {classes[n] for n in BATCHED_CFG} & set(TWO_CALL)

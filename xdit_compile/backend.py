@@ -85,16 +85,25 @@ class XditCompiler:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
                              disabled_passes=self.disabled, cfg_external=self.cfg_external)
-        if ctx.sp_size > 1:
-            _check_heads(gm, ctx)
         gm = run_passes(gm, ctx)
+        _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
         return lower(gm, example_inputs, self.plan.compile.lowering)
 
 
-def _check_heads(gm, ctx):
-    """Ulysses pads heads that don't divide; say so once, it costs speed."""
-    return None
+def _warn_if_idle(gm, ctx):
+    """Say so when the plan parallelizes nothing in this graph, or Ulysses must pad heads."""
+    import warnings
+    if ctx.sp_size > 1 and not any(a for a, ax in ctx.unit_axis.items() if ax == "sp"):
+        warnings.warn("xdit: found no self-attention sequence to shard in this graph; every rank computes it "
+                      "whole (correct, no speed-up)", stacklevel=2)
+    for a in ctx.attention_report:
+        heads = a["q"][1] if a.get("q") else None
+        if heads and "ulysses" in a.get("became", "") and heads % ctx.ulysses:
+            warnings.warn(f"xdit: attention {a['node']} has {heads} heads, which ulysses={ctx.ulysses} does not "
+                          "divide: heads are zero-padded (correct, slower); prefer a ulysses degree that divides "
+                          "the head count and put the rest in ring", stacklevel=2)
+            break
 
 
 def _report(gm, ctx, index) -> dict:

@@ -11,6 +11,7 @@ ones) and gathers the halves at the outputs. No graph change here: it only exten
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch.fx as fx
@@ -34,9 +35,12 @@ def split_cfg_pass(gm: fx.GraphModule, ctx) -> bool:
     unit = cl.find(roots.most_common(1)[0][0])
     size = cl.size[unit]
     if size % ctx.cfg_size:
-        raise ValueError(f"parallel.cfg={ctx.cfg_size} splits the transformer's batch, but the batch is {size}: "
-                         "call it with the unconditional and conditional inputs batched together "
-                         "(as PixArt/SD3 pipelines do), or use parallelize() on the pipeline")
+        # CFG is off for this call (guidance_scale <= 1) or the caller batches differently: the cfg ranks
+        # then compute the same batch (correct, no speed-up) instead of failing.
+        warnings.warn(f"xdit: parallel.cfg={ctx.cfg_size} but this transformer call has batch {size}, which does "
+                      "not split into [uncond, cond] halves (is guidance off?); the cfg ranks compute it redundantly",
+                      stacklevel=2)
+        return False
     if unit in ctx.unit_axis:
         raise ValueError("the batch dim and the sequence dim of this model are the same dim class; "
                          "cfg and sequence parallelism cannot both split it")

@@ -15,9 +15,23 @@ import torch
 
 from ..runtime import tokens
 
-# Pipelines whose CFG is two transformer calls per step (cond, then uncond), not one batched call.
-TWO_CALL = {"WanPipeline", "WanImageToVideoPipeline", "QwenImagePipeline", "QwenImageEditPipeline",
-            "FluxPipeline", "SkyReelsV2Pipeline", "HunyuanVideoPipeline"}
+def _true_cfg(default):
+    return lambda kw: kw.get("true_cfg_scale", default) > 1 and (
+        kw.get("negative_prompt") is not None or kw.get("negative_prompt_embeds") is not None)
+
+
+def _guidance(default):
+    return lambda kw: kw.get("guidance_scale", default) > 1
+
+
+# Pipelines whose CFG is two transformer calls per step (cond, then uncond), not one batched call, and how
+# a call's keyword arguments say that CFG is on (their defaults as in diffusers).
+TWO_CALL = {
+    "WanPipeline": _guidance(5.0), "WanImageToVideoPipeline": _guidance(5.0),
+    "SkyReelsV2Pipeline": _guidance(6.0),
+    "FluxPipeline": _true_cfg(1.0), "HunyuanVideoPipeline": _true_cfg(1.0),
+    "QwenImagePipeline": _true_cfg(4.0), "QwenImageEditPipeline": _true_cfg(4.0),
+}
 
 
 def _sample(out):
@@ -45,11 +59,20 @@ class AlternatingCFG:
         self.rank, self.group = dims.axis_rank("cfg"), dims.group_name("cfg")
         self.calls = 0
         self.first = None
+        self.active = True
 
-    def reset(self):
-        self.calls, self.first = 0, None
+    def reset(self, active: bool = True):
+        """At the start of each pipeline call: pairs restart; inactive (CFG off) = plain calls everywhere."""
+        self.calls, self.first, self.active = 0, None, active
+
+    def check_paired(self):
+        if self.active and self.calls % 2:
+            raise RuntimeError(f"cfg=2: the pipeline made {self.calls} transformer calls, not cond/uncond pairs; "
+                               "its results are not valid. Is CFG on for this call?")
 
     def __call__(self, *args, **kwargs):
+        if not self.active:
+            return self.forward(*args, **kwargs)
         phase = self.calls % 2
         self.calls += 1
         return_dict = kwargs.get("return_dict", True)
@@ -106,7 +129,8 @@ class DataParallelCall:
         stop = start + base + (1 if r < extra else 0)
         mine = {k: (v[start:stop] if k in lengths else v) for k, v in kwargs.items()}
         out = self.call(pipe, **mine)
-        images = out.images if hasattr(out, "images") else out[0]
+        field = "images" if hasattr(out, "images") else ("frames" if hasattr(out, "frames") else None)
+        images = getattr(out, field) if field else out[0]
         parts = tokens.gather_objects(images, self.dims.group_name("data"))
         merged = []
         for p in parts:
@@ -116,8 +140,8 @@ class DataParallelCall:
         elif hasattr(images, "shape"):          # numpy
             import numpy as np
             merged = np.stack(merged)
-        if hasattr(out, "images"):
-            out.images = merged
+        if field:
+            setattr(out, field, merged)
             return out
         return (merged,)
 
@@ -128,15 +152,26 @@ def parallelize_pipeline(pipe, plan):
     parallelize(transformer, plan)
     compiler = transformer._xdit_compiler
     dims = compiler.dims
+    cfg = None
     if dims.axis_size("cfg") > 1 and type(pipe).__name__ in TWO_CALL:
         compiler.cfg_external = True
-        transformer._xdit_cfg = AlternatingCFG(transformer.forward, dims)
-        transformer.forward = transformer._xdit_cfg
+        cfg = transformer._xdit_cfg = AlternatingCFG(transformer.forward, dims)
+        transformer.forward = cfg
     if plan.vae.parallel and getattr(pipe, "vae", None) is not None:
         from ..runtime.vae import enable_parallel_decode
         enable_parallel_decode(pipe.vae, dims.get_group("replica") if dims.world_size > 1 else None)
-    if dims.axis_size("data") > 1:
+    data = dims.axis_size("data") > 1
+    if cfg is not None or data:
         cls = type(pipe)
-        call = DataParallelCall(cls.__call__, dims)
-        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": lambda self, *a, **k: call(self, *a, **k)})
+        call = DataParallelCall(cls.__call__, dims) if data else cls.__call__
+        cfg_on = TWO_CALL.get(cls.__name__)
+
+        def __call__(self, *a, **k):
+            if cfg is not None:
+                cfg.reset(active=cfg_on(k))
+            out = call(self, *a, **k)
+            if cfg is not None:
+                cfg.check_paired()
+            return out
+        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
     return pipe
