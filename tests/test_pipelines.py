@@ -13,8 +13,8 @@ tests check that every rank got the serial images (relative error < 1e-4) and th
 The cfg=2 group then also calls the parallelized pipeline with CFG off (``guidance_scale=1``; Flux:
 ``true_cfg_scale=1``, 3 steps, so a two-call pipeline makes an odd number of calls) and afterwards with
 CFG on again: CFG off must give a clear error or the serial images, and must not break the next call.
-Today PixArt and SD3 raise a clear error (split_cfg: "the batch is 1") and the next call is fine; Flux and
-Wan give silently wrong images and put AlternatingCFG out of phase for the next call (XFAIL below).
+Today all four give the serial images: PixArt and SD3 warn that the batch does not split and compute it on
+both cfg ranks; Flux and Wan see from the call's arguments that CFG is off and make plain calls.
 
 Cost: one ``run_distributed`` call per plan, its worker loops over the 4 pipelines (dynamo tracing
 dominates); the tests are parametrized per pipeline and read the plan's cached results.
