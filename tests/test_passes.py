@@ -76,6 +76,7 @@ def test_no_passes_when_sequence_parallel_is_off():
 
     class Ctx:
         sp_size = 1
+        cfg_split = False
         disabled_passes = frozenset()
 
     assert build_pipeline(Ctx()) == []

@@ -290,12 +290,8 @@ class _Rewriter:
             return True
         if n.target is not operator.setitem:
             return True
-        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
         xs = td._shape(target)
-        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-        exp = []
-        for i in idx:
-            exp.extend([slice(None)] * (len(xs) - n_real) if i is Ellipsis else [i])
+        exp = _expand_index(n.args[1], len(xs))
         d = 0
         for i in exp:
             if i is None:
@@ -495,12 +491,8 @@ class _Rewriter:
         sd = set(_sharded_dims(ctx, x))
         if not sd:
             return "local"
-        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
         xs = td._shape(x)
-        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-        exp = []
-        for i in idx:
-            exp.extend([slice(None)] * (len(xs) - n_real) if i is Ellipsis else [i])
+        exp = _expand_index(n.args[1], len(xs))
         new, d, od = [], 0, 0
         out_dims = _dims(ctx, n)
         for i in exp:
@@ -534,7 +526,7 @@ class _Rewriter:
         new_idx = tuple(new)
 
         def rewrite(n):
-            n.args = (n.args[0], new_idx if isinstance(n.args[1], tuple) else new_idx[0])
+            n.args = (n.args[0], new_idx if len(new_idx) != 1 else new_idx[0])
         return rewrite
 
     def decide_sdpa(self, n):
@@ -559,6 +551,16 @@ class _Rewriter:
             return "sink"
         n.meta["xdit_attention"] = {"kind": "local"}
         return "local"
+
+
+def _expand_index(idx, ndim: int) -> list:
+    """An indexing tuple with its Ellipsis spelled out as full slices."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out = []
+    for i in idx:
+        out.extend([slice(None)] * (ndim - n_real) if i is Ellipsis else [i])
+    return out
 
 
 def _descends(cl, root: int, c: int) -> bool:

@@ -284,24 +284,7 @@ def _d(an, x):
 
 
 def _broadcast(n, an, tensors):
-    cl = an.classes
-    out_shape = _shape(n)
-    out = []
-    nd = len(out_shape)
-    for i in range(nd):
-        c = None
-        for t in tensors:
-            td, ts = _d(an, t), _shape(t)
-            if td is None:
-                continue
-            j = i - (nd - len(ts))
-            if j >= 0 and ts[j] == out_shape[i] and out_shape[i] != 1:
-                if c is None:
-                    c = td[j]
-                else:
-                    cl.unify(c, td[j])
-        out.append(c if c is not None else cl.new(out_shape[i]))
-    return out
+    return _broadcast_list(an, tensors, _shape(n))
 
 
 def _tensor_args(n):
