@@ -41,7 +41,8 @@ def test_digits_pipeline_matches_one_process(results, world, par):
         err, cfg_batch, attn_bytes = rank_result[str(par)]
         assert err < 1e-4
         if par.get("cfg", 1) > 1:
-            assert cfg_batch == [12]           # 6 images x [cond, uncond], split over the cfg axis
+            # 6 images (split over the data groups) x [cond, uncond], that batch split over the cfg axis
+            assert cfg_batch == [12 // par.get("data", 1)]
         if par.get("ulysses", 1) > 1:
             assert attn_bytes > 0
 
