@@ -171,3 +171,8 @@ def test_unsupported_reason(axis):
     assert reason is not None and reason.startswith(f"parallel.{axis}=2 is not implemented yet")
     assert Plan.from_dict({"parallel": {"ring": 2, "ulysses": 4}}).unsupported_reason() is None
     assert Plan.from_dict({"parallel": {"cfg": 2, "data": 2}}).unsupported_reason() is None
+
+
+def test_dynamic_shapes_are_refused_clearly():
+    reason = Plan.from_dict({"compile": {"dynamic": True}}).unsupported_reason()
+    assert reason is not None and "compile.dynamic" in reason and "static shapes" in reason

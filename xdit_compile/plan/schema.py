@@ -299,6 +299,9 @@ class Plan:
     def unsupported_reason(self) -> str | None:
         """Why this plan cannot run in this version, or ``None`` if it can."""
         p = self.parallel
+        if self.compile.dynamic:
+            return ("compile.dynamic=true is not supported yet: the sharding analysis works on static shapes "
+                    "(each new input shape compiles once); set compile.dynamic = false")
         for axis in ("pipefusion",):
             degree = getattr(p, axis)
             if degree > 1:
