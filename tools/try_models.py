@@ -1,3 +1,7 @@
+"""Run every tiny model under a plan in N gloo processes and print the error and what was rewritten.
+
+    python tools/try_models.py flux,wan 2 "{'ulysses': 2}" [eager|inductor]   (EXPLAIN=1 prints explain())
+"""
 import sys, os, time, traceback
 sys.path.insert(0, "tests")
 import torch

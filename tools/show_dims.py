@@ -1,3 +1,7 @@
+"""Print the dim classes the analysis gives every node of a tiny model's graph (* = sharded unit).
+
+    python tools/show_dims.py wan [graph index]
+"""
 import sys; sys.path.insert(0, "tests")
 import torch
 from models import MODELS
