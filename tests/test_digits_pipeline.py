@@ -59,3 +59,17 @@ def test_run_errors(tmp_path):
     plan = Plan.from_dict({"model": "builtin:digits", "parallel": {"cfg": 2}, "run": {"guidance_scale": 1.0}})
     with pytest.raises(ValueError, match="guidance_scale=1.0 turns it off"):
         run(plan)
+
+
+def test_load_pipeline_from_a_local_folder(tmp_path):
+    """`model = "<folder>"` loads a saved diffusers pipeline (real from_pretrained, no download)."""
+    from pipelines import build
+
+    from xdit_compile.pipelines.run import load_pipeline
+
+    pipe = build("pixart")
+    pipe.save_pretrained(tmp_path / "pixart")
+    loaded = load_pipeline(str(tmp_path / "pixart"))
+    assert type(loaded).__name__ == type(pipe).__name__
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().items()):
+        assert torch.equal(a, b), name
