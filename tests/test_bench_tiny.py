@@ -1,0 +1,48 @@
+"""benchmarks/bench.py's driver end to end on CPU (gloo, tiny Flux config): sub-runs at N=1 and N=2, rows in
+rows.jsonl, the merged markdown with this project's rows at rel err < 1e-4 vs the 1-GPU output.
+
+It launches 2 torchrun sub-runs plus a resume check: about 45 s on 2 shared cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_driver_tiny(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--driver", "--tiny", "--gpus", "2",
+           "--models", "flux1024", "--methods", "eager,xdit,xfuser", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    rows = {}
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[r["key"]] = r
+    for key in ("flux1024|eager|N1|1", "flux1024|xdit|N1|1", "flux1024|xdit|N2|u2", "flux1024|xdit|N2|r2"):
+        assert key in rows, (key, sorted(rows))
+        assert rows[key]["ms"] and rows[key]["ms"] > 0, rows[key]
+    for key in ("flux1024|xdit|N1|1", "flux1024|xdit|N2|u2", "flux1024|xdit|N2|r2"):
+        assert rows[key]["rel_err"] < 1e-4, rows[key]
+    assert (out / "ref" / "flux1024.pt").exists()
+    # a peer that isn't installed is a row saying so, not a failure of the run
+    xf = rows["flux1024|xfuser|N2|u2"]
+    assert xf["ms"] is None and xf["note"].startswith("n/a"), xf
+
+    md = (out / "bench.md").read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "xdit_compile (eager)" in ln]
+    got = {(c[1], c[3]): c for c in ([x.strip() for x in ln.split("|")] for ln in lines)}
+    assert set(got) >= {("1", "1"), ("2", "u2"), ("2", "r2")}, lines
+    for cells in got.values():
+        assert float(cells[8].split()[0]) < 1e-4, cells  # rel err column
+    assert "FLOPs/step (formula)" in md
+
+    # resuming: a second driver run finds every row done and launches nothing
+    p2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
+    assert "torch.distributed.run" not in p2.stdout and "all rows done" in p2.stdout, p2.stdout
