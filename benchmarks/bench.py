@@ -17,8 +17,10 @@ Methods:
   inductor   1 GPU, torch.compile(model)                         (N=1 only)
   xdit       xdit_compile.parallelize, eager lowering            (every N; at N=1: all degrees 1, the wrapper cost)
   xdit_ind   xdit_compile.parallelize, inductor lowering         (every N)
+  xdit_cg    the same + compile.cudagraphs (the step replayed as one CUDA graph, collectives included)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
              backend in DIFFUSERS_BACKENDS is tried, the row is the fastest (all listed in its note)  (N>1)
+  diffusers_ind  the same with the _native_cudnn backend under torch.compile (the peer's compiled mode)  (N>1)
   xfuser     xDiT's transformer-level USP wrapper (e.g. xFuserFlux1Transformer2DWrapper), same degrees  (N>1)
 Degrees at N=2: ulysses 2, ring 2 (+ cfg 2 for sd3cfg); N=4: ulysses 4, ring 4, ulysses 2 x ring 2
 (+ cfg 2 x ulysses 2 for sd3cfg). A peer that can't do a degree set (diffusers has no cfg parallelism and
@@ -62,13 +64,14 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
-METHODS = ["eager", "inductor", "xdit", "xdit_ind", "diffusers", "xfuser"]
-MAIN_METHODS = ["eager", "inductor", "xdit", "xdit_ind", "diffusers"]  # one sub-run per (N, model)
+METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind", "xfuser"]
+MAIN_METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind"]  # one sub-run
 DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
-EST_S = {"eager": 40, "inductor": 180, "xdit": 60, "xdit_ind": 200, "diffusers": 90, "xfuser": 70}
-EST_SCALE = {"flux1024": 1.0, "flux2048": 2.0, "wan480": 3.0, "sd3cfg": 0.5}
+EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg": 90, "diffusers": 40,
+         "diffusers_ind": 100, "xfuser": 40}
+EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
 
 # ----------------------------------------------------------------------------------------- model configs
@@ -112,8 +115,15 @@ def spec(model, tiny):
     return (TINY_SPECS if tiny else SPECS)[model]
 
 
+DEGS_FILTER: set[str] = set()   # --degs: only these degree strings (e.g. u4,cfg2xu2); empty = all
+
+
 def degree_sets(n, model):
-    """Degree dicts (ulysses, ring, cfg) benchmarked at world size n."""
+    """Degree dicts (ulysses, ring, cfg) benchmarked at world size n (filtered by --degs)."""
+    return [d for d in _degree_sets(n, model) if n == 1 or not DEGS_FILTER or deg_str(d) in DEGS_FILTER]
+
+
+def _degree_sets(n, model):
     if n == 1:
         return [dict(ulysses=1, ring=1, cfg=1)]
     out = [dict(ulysses=n, ring=1, cfg=1), dict(ulysses=1, ring=n, cfg=1)]
@@ -133,7 +143,7 @@ def deg_str(d):
 def methods_for(n, methods):
     if n == 1:
         return [m for m in methods if m in ("eager", "inductor", "xdit", "xdit_ind")]
-    return [m for m in methods if m in ("xdit", "xdit_ind", "diffusers", "xfuser")]
+    return [m for m in methods if m in ("xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind", "xfuser")]
 
 
 def row_key(model, method, n, d):
@@ -411,7 +421,8 @@ class Worker:
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
         inputs = make_inputs(model, self.tiny, self.device, self.dtype)
         m = None
-        todo = [(meth, d) for meth in methods if meth != "diffusers" for d in degree_sets(self.world, model)]
+        todo = [(meth, d) for meth in methods if not meth.startswith("diffusers")
+                for d in degree_sets(self.world, model)]
         need_model = any(row_key(model, meth, self.world, d) not in self.done for meth, d in todo)
         if need_model:
             t = time.time()
@@ -424,7 +435,7 @@ class Worker:
         ref = self.ref(model)
         ref_ind = self.ref(model, "inductor")
         for meth in methods:
-            if meth == "diffusers":
+            if meth.startswith("diffusers"):
                 continue
             for d in degree_sets(self.world, model):
                 if meth == "eager":
@@ -439,14 +450,16 @@ class Worker:
                         row, out = self.measure(cm, inputs, model, ref=self.ref(model))
                         self.save_ref(model, out, which="inductor")
                         return row
-                elif meth in ("xdit", "xdit_ind"):
+                elif meth in ("xdit", "xdit_ind", "xdit_cg"):
                     def fn(d=d, meth=meth):
-                        plan = {"parallel": dict(d), "compile": {"lowering": "eager" if meth == "xdit" else
-                                                                 "inductor"}}
+                        comp = {"lowering": "eager" if meth == "xdit" else "inductor"}
+                        if meth == "xdit_cg":
+                            comp["cudagraphs"] = True
+                        plan = {"parallel": dict(d), "compile": comp}
                         xdit_compile.parallelize(m, plan)
                         try:
                             row, out = self.measure(m, inputs, model, ref=self.ref(model),
-                                                    ref_like=self.ref(model, "inductor") if meth == "xdit_ind"
+                                                    ref_like=self.ref(model, "inductor") if meth != "xdit"
                                                     else None)
                             row["plan"] = plan
                             return row
@@ -457,11 +470,13 @@ class Worker:
                 if self.world == 1 or meth not in ("eager", "inductor"):
                     self.guarded(model, meth, d, fn)
         del m, ref, ref_ind
-        if "diffusers" in methods and self.world > 1:
-            for d in degree_sets(self.world, model):
-                self.guarded(model, "diffusers", d, lambda d=d: self.run_diffusers(model, d, inputs))
+        for meth in ("diffusers", "diffusers_ind"):
+            if meth in methods and self.world > 1:
+                for d in degree_sets(self.world, model):
+                    self.guarded(model, meth, d,
+                                 lambda d=d, c=meth == "diffusers_ind": self.run_diffusers(model, d, inputs, c))
 
-    def run_diffusers(self, model, d, inputs):
+    def run_diffusers(self, model, d, inputs, compiled=False):
         """diffusers' native CP on a freshly built model (its hooks can't be removed)."""
         import torch
         if d["cfg"] > 1:
@@ -488,6 +503,14 @@ class Worker:
         m.enable_parallelism(config=ContextParallelConfig(**kw))
         ref = self.ref(model)
         best, notes, rows = None, [], {}
+        if compiled:  # the peer's compiled mode: its fastest GPU backend under torch.compile
+            backends = backends[:1]
+            m.set_attention_backend(backends[0])
+            cm = torch.compile(m)
+            row, out = self.measure(cm, inputs, model, ref=ref, ref_like=self.ref(model, "inductor"))
+            del m, cm, out
+            row.update(backend=backends[0], note=f"torch.compile, backend {backends[0]}")
+            return row
         for be in backends:
             try:
                 m.set_attention_backend(be)
@@ -539,10 +562,8 @@ class Worker:
                 continue
             c = getattr(mod, want, None)
             if c is not None and isinstance(c, type) and issubclass(c, torch.nn.Module):
-                import diffusers
-                if issubclass(c, getattr(diffusers, cls_name)):  # a transformer-level wrapper (config kwargs)
-                    cls = c
-                    break
+                cls = c  # a subclass of the diffusers class (config kwargs) or a wrapper of an instance
+                break
         if cls is None:
             raise NotImplementedError(f"no transformer-level {want} (a subclass of {cls_name}) in xfuser "
                                       f"{getattr(xfuser, '__version__', '?')}")
@@ -559,7 +580,11 @@ class Worker:
             initialize_model_parallel(data_parallel_degree=1, classifier_free_guidance_degree=d["cfg"],
                                       sequence_parallel_degree=d["ulysses"] * d["ring"],
                                       ulysses_degree=d["ulysses"], ring_degree=d["ring"])
-        m = build_model(model, self.tiny, self.device, self.dtype, cls_override=cls)
+        import diffusers
+        if issubclass(cls, getattr(diffusers, cls_name)):
+            m = build_model(model, self.tiny, self.device, self.dtype, cls_override=cls)
+        else:  # e.g. xFuserSD3Transformer2DWrapper(transformer): wraps a built diffusers model
+            m = cls(build_model(model, self.tiny, self.device, self.dtype)).eval()
         ref_cs = None
         p = os.path.join(self.args.ref_dir or self.args.out, "ref", f"{model}.pt")
         if os.path.exists(p):
@@ -635,12 +660,19 @@ def read_meta(dirs):
         p = os.path.join(d, "meta.json")
         if os.path.exists(p):
             with open(p) as f:
-                meta.update(json.load(f))
+                m = json.load(f)
+            for k, v in m.items():  # the first dir wins (OUT over --merge-from), FLOP counts are merged
+                if isinstance(v, dict) and isinstance(meta.get(k), dict):
+                    meta[k] = {**v, **meta[k]}
+                else:
+                    meta.setdefault(k, v)
     return meta
 
 
 METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_compile (eager)",
-                "xdit_ind": "xdit_compile (Inductor)", "diffusers": "diffusers CP", "xfuser": "xDiT (xfuser)"}
+                "xdit_ind": "xdit_compile (Inductor)", "xdit_cg": "xdit_compile (Inductor + CUDA graphs)",
+                "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",
+                "xfuser": "xDiT (xfuser)"}
 
 
 def format_md(rows, meta):
@@ -842,11 +874,13 @@ def driver(args):
                     cmd.append("--force")
                 if args.ref_dir:
                     cmd += ["--ref-dir", args.ref_dir]
+                if args.degs:
+                    cmd += ["--degs", args.degs]
                 if deadline:
                     cmd += ["--deadline", str(deadline)]
                 e = dict(env)
                 if not tiny:
-                    e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+                    e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i + args.gpu_offset) for i in range(n))
                 lp = os.path.join(logdir, f"N{n}_{model}_{gname}.log")
                 print(f"[{time.time() - T0:7.1f}s] N={n} {model} {gname}: {' '.join(cmd[3:])}  (log {lp})",
                       flush=True)
@@ -897,7 +931,11 @@ def main():
     ap.add_argument("--deadline", type=float, default=0, help="(internal) epoch seconds")
     ap.add_argument("--subrun-timeout", type=float, default=1800)
     ap.add_argument("--force", action="store_true", help="redo rows already in rows.jsonl")
+    ap.add_argument("--degs", default="", help="only these degree sets at N>1, e.g. u4,r4,cfg2xu2")
+    ap.add_argument("--gpu-offset", type=int, default=0,
+                    help="sub-runs use GPUs OFFSET..OFFSET+N-1 (run several N=1 drivers side by side)")
     args = ap.parse_args()
+    DEGS_FILTER.update(x for x in args.degs.split(",") if x)
     if args.iters < 5 and not args.tiny:
         ap.error("--iters must be >= 5")
     if args.worker:

@@ -11,7 +11,8 @@ import json
 import sys
 
 LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_compile eager",
-         "xdit_ind": "xdit_compile Inductor", "diffusers": "diffusers CP", "xfuser": "xDiT"}
+         "xdit_ind": "xdit_compile Inductor", "xdit_cg": "xdit_compile Inductor+CUDA graphs",
+         "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP compiled", "xfuser": "xDiT"}
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
 
 
@@ -35,7 +36,7 @@ def series(rows):
         out.setdefault(r["model"], {}).setdefault(label, []).append((r["n"], base[r["model"]] / r["ms"]))
     # 1-GPU rows of this project start their method's lines: the N=1 xdit point joins each xdit series
     for model, ss in out.items():
-        for meth in ("xdit", "xdit_ind"):
+        for meth in ("xdit", "xdit_ind", "xdit_cg"):
             one = ss.pop(LABEL[meth], None)
             if one:
                 for label, pts in ss.items():

@@ -121,6 +121,7 @@ def test_unknown_key(d, message):
          "'yunchang', 'math', got 'flash' (did you mean 'flash_attn'?)"),
         ({"compile": {"lowering": "tvm"}}, "compile.lowering must be one of 'eager', 'inductor', 'onediff'"),
         ({"compile": {"dynamic": 1}}, "compile.dynamic must be a bool (true or false), got 1"),
+        ({"compile": {"cudagraphs": True}}, 'compile.cudagraphs = true needs compile.lowering = "inductor"'),
         ({"model": 3}, "model must be a string"),
     ],
 )

@@ -88,7 +88,7 @@ class XditCompiler:
         gm = run_passes(gm, ctx)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
-        return lower(gm, example_inputs, self.plan.compile.lowering)
+        return lower(gm, example_inputs, self.plan.compile.lowering, self.plan.compile.cudagraphs)
 
 
 def _warn_if_idle(gm, ctx):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 
-def lower(gm, example_inputs, lowering: str):
+def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False):
     if lowering == "eager":
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
+        # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
+        patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        return compile_fx(gm, example_inputs, config_patches=patches)
     if lowering == "onediff":
         try:
             import onediff  # noqa: F401

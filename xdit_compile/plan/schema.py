@@ -158,11 +158,18 @@ class CompileConfig:
     """Fail instead of falling back when dynamo breaks the model into several graphs."""
     dynamic: bool = False
     """Trace with symbolic shapes so one compile serves several resolutions."""
+    cudagraphs: bool = False
+    """With lowering = "inductor" on CUDA: replay the step as a CUDA graph (collectives included), which removes
+    the per-kernel launch cost; the output of a call is overwritten by the next call (consume it first)."""
 
     def __post_init__(self) -> None:
         _check_choice(f"{self.SECTION}.lowering", self.lowering, self.LOWERINGS)
         _check_bool(f"{self.SECTION}.fullgraph", self.fullgraph)
         _check_bool(f"{self.SECTION}.dynamic", self.dynamic)
+        _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
+        if self.cudagraphs and self.lowering != "inductor":
+            raise ValueError(f"{self.SECTION}.cudagraphs = true needs {self.SECTION}.lowering = \"inductor\", "
+                             f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop cudagraphs")
 
 
 @dataclass(frozen=True, kw_only=True)

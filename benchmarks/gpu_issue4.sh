@@ -1,0 +1,44 @@
+#!/bin/bash
+# The issue-4 benchmark on a 4 x H100 machine, in two device calls of < 10 minutes each (the driver is
+# resumable; raw rows live in /tmp/xb on the machine and are copied to $OUT/raw after each phase).
+#   bash benchmarks/gpu_issue4.sh 1   # N=1 rows of all models side by side (one GPU each), then flux1024 at N=4
+#   bash benchmarks/gpu_issue4.sh 2   # flux2048, wan480, sd3cfg at N=4, flux1024 ring rows, compiled diffusers
+# Needs the wheels in .whl/ (diffusers, importlib_metadata, xfuser, yunchang, distvae; see README.md).
+set -u
+PHASE=${1:?phase 1 or 2}
+[ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $OUT
+if [ -d benchmarks/results/bench_raw ] && [ ! -f $R/.seeded ]; then cp -rn benchmarks/results/bench_raw/. $R/; fi
+touch $R/.seeded
+nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
+B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny}"
+LIMIT=${LIMIT:-570}
+left() { echo $((LIMIT - SECONDS)); }
+if [ "$PHASE" = 1 ]; then
+  i=0
+  for job in "flux1024:eager,inductor" "flux2048:eager,inductor" "wan480:eager,inductor" "sd3cfg:eager,inductor"; do
+    model=${job%%:*}; meths=${job#*:}
+    CUDA_VISIBLE_DEVICES=$i $B --ns 1 --models $model --methods $meths --gpu-offset $i --out $R/n1_$model \
+      --budget-s 260 > $OUT/n1_$model.log 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null
+  $B --ns 4 --models flux1024 --methods xdit,xdit_ind,xdit_cg,diffusers,xfuser --degs u4 --out $R/n4 \
+    --budget-s $(left) > $OUT/n4_p1.log 2>&1
+else
+  for job in ${PHASE2_JOBS:-"flux2048:xdit,xdit_cg,diffusers,xfuser:u4" "wan480:xdit,diffusers,xfuser:u4" \
+             "sd3cfg:xdit,xfuser:cfg2xu2,u4" "flux1024:xdit,diffusers,xfuser:r4,u2xr2" \
+             "flux1024:diffusers_ind:u4"}; do
+    IFS=: read model meths degs <<< "$job"
+    [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
+    $B --ns 4 --models $model --methods $meths --degs $degs --out $R/n4 --budget-s $(left) \
+      >> $OUT/n4_p2.log 2>&1
+  done
+fi
+python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $R/n1_* --md $OUT/bench.md --png $OUT/scaling.png \
+  > $OUT/merge.log 2>&1
+mkdir -p $OUT/raw && cp -r $R/. $OUT/raw/ && rm -f $OUT/raw/.seeded
+tail -3 $OUT/n4_p*.log; cat $OUT/bench.md | grep -v "^$" | head -80
