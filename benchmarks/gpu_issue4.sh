@@ -29,16 +29,20 @@ if [ "$PHASE" = 1 ]; then
   $B --ns 4 --models flux1024 --methods xdit,xdit_ind,xdit_cg,diffusers,xfuser --degs u4 --out $R/n4 \
     --budget-s $(left) > $OUT/n4_p1.log 2>&1
 else
-  for job in ${PHASE2_JOBS:-"flux2048:xdit,xdit_cg,diffusers,xfuser:u4" "wan480:xdit,diffusers,xfuser:u4" \
-             "sd3cfg:xdit,xfuser:cfg2xu2,u4" "flux1024:xdit,diffusers,xfuser:r4,u2xr2" \
+  for job in ${PHASE2_JOBS:-"flux2048:xdit,xdit_cg,diffusers,xfuser:u4" "wan480:xdit,xdit_cg,diffusers,xfuser:u4" \
+             "sd3cfg:xdit,xdit_cg,xfuser:cfg2xu2" "flux1024:xdit,xdit_cg,diffusers,xfuser:r4,u2xr2" \
              "flux1024:diffusers_ind:u4"}; do
     IFS=: read model meths degs <<< "$job"
     [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
+    if [ ! -f $R/n4/ref/$model.pt ]; then  # a fresh machine: the 1-GPU reference output first (same run)
+      $B --ns 1 --models $model --methods eager --out $R/n1_$model --budget-s $(left) >> $OUT/n1_p2.log 2>&1
+      cp $R/n1_$model/ref/*.pt $R/n4/ref/ 2>/dev/null
+    fi
     $B --ns 4 --models $model --methods $meths --degs $degs --out $R/n4 --budget-s $(left) \
       >> $OUT/n4_p2.log 2>&1
   done
 fi
 python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $R/n1_* --md $OUT/bench.md --png $OUT/scaling.png \
   > $OUT/merge.log 2>&1
-mkdir -p $OUT/raw && cp -r $R/. $OUT/raw/ && rm -f $OUT/raw/.seeded
+tar czf $OUT/raw.tgz -C $R --exclude=.seeded .   # one file: the device tool returns few, shallow files
 tail -3 $OUT/n4_p*.log; cat $OUT/bench.md | grep -v "^$" | head -80
