@@ -599,7 +599,7 @@ class Worker:
         if cls_name == "WanTransformer3DModel":
             get_runtime_state().set_video_input_parameters(
                 height=s["h"] * 8, width=s["w"] * 8, num_frames=(s["f"] - 1) * 4 + 1, batch_size=s["batch"],
-                max_condition_sequence_length=s["txt"], split_text_embed_in_sp=True)
+                split_text_embed_in_sp=True)  # (xfuser 0.7.0's video variant has no max_condition_sequence_length)
         else:
             hw = (s["h"] * 16, s["w"] * 16) if cls_name == "FluxTransformer2DModel" else (s["h"] * 8, s["w"] * 8)
             get_runtime_state().set_input_parameters(

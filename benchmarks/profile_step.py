@@ -1,0 +1,114 @@
+"""Where one parallel transformer step spends its time: torch.profiler over 3 steps, GPU kernel time by kind.
+
+    torchrun --nproc_per_node=4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
+        --out $OUT/profile_flux1024.md
+    torchrun --nproc_per_node=2 benchmarks/profile_step.py --tiny --model flux1024 --ulysses 2 --out /tmp/p.md
+
+Kinds (by kernel name): communication (nccl), attention (flash / cudnn / fmha kernels), matmul (gemm, cutlass,
+nvjet, sm90 kernels), fused elementwise (Inductor's triton kernels), other. "idle" = wall time per step minus
+the GPU kernel time of rank 0's stream work: time the GPU waited on the CPU (launches) or on nothing.
+The NCCL kernel time includes waiting for the slowest rank, so it is an upper bound of the wire time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KINDS = [("communication (NCCL)", ("nccl",)),
+         ("attention", ("flash", "cudnn", "fmha", "attention", "sdpa")),
+         ("matmul", ("gemm", "cutlass", "nvjet", "sm90_x", "sm80_x", "matmul", "cublas")),
+         ("fused elementwise (triton)", ("triton_",))]
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for k, keys in KINDS:
+        if any(s in low for s in keys):
+            return k
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="flux1024")
+    ap.add_argument("--ulysses", type=int, default=0, help="default: world size")
+    ap.add_argument("--ring", type=int, default=1)
+    ap.add_argument("--lowering", default="inductor")
+    ap.add_argument("--cudagraphs", action="store_true")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default="profile.md")
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench
+    import xdit_compile
+
+    lr = int(os.environ.get("LOCAL_RANK", 0))
+    if args.tiny:
+        device, dtype, backend = torch.device("cpu"), torch.float32, "gloo"
+    else:
+        torch.cuda.set_device(lr)
+        device, dtype, backend = torch.device("cuda", lr), torch.bfloat16, "nccl"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    m = bench.build_model(args.model, args.tiny, device, dtype)
+    inputs = bench.make_inputs(args.model, args.tiny, device, dtype)
+    comp = {"lowering": args.lowering}
+    if args.cudagraphs:
+        comp["cudagraphs"] = True
+    plan = {"parallel": {"ulysses": args.ulysses or world // args.ring, "ring": args.ring}, "compile": comp}
+    xdit_compile.parallelize(m, plan)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(3):
+            m(**inputs)
+        sync()
+        dist.barrier()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                m(**inputs)
+            sync()
+            wall = (time.perf_counter() - t) / args.steps * 1e3
+    if rank == 0:
+        per: dict[str, float] = {}
+        top: dict[str, float] = {}
+        for e in prof.events():
+            if device.type == "cuda" and e.device_type.name != "CUDA":
+                continue
+            if device.type == "cpu" and e.cpu_parent is not None:
+                continue
+            us = (e.device_time if device.type == "cuda" else e.cpu_time) / args.steps
+            per[kind(e.name)] = per.get(kind(e.name), 0.0) + us
+            top[e.name] = top.get(e.name, 0.0) + us
+        busy = sum(per.values()) / 1e3
+        lines = [f"# Profile: {args.model}, plan {plan}, {world} ranks, {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
+                 "", f"wall per step (profiled, rank 0): {wall:.1f} ms; GPU kernel time {busy:.1f} ms; "
+                 f"idle {max(wall - busy, 0):.1f} ms", "", "| kind | ms/step | share of wall |", "|---|---|---|"]
+        for k, us in sorted(per.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {k} | {us / 1e3:.1f} | {us / 1e3 / wall:.0%} |")
+        lines.append(f"| idle (GPU waits) | {max(wall - busy, 0):.1f} | {max(wall - busy, 0) / wall:.0%} |")
+        lines += ["", "Top kernels:", "", "| kernel | kind | ms/step |", "|---|---|---|"]
+        for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:15]:
+            lines.append(f"| `{name[:90]}` | {kind(name)} | {us / 1e3:.2f} |")
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
