@@ -151,8 +151,7 @@ class Server:
         ok = hmac.compare_digest(token.strip().encode(), self.api_key.encode()) and scheme.lower() == "bearer"
         if not ok:
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
-                           if not req.body_read else {"WWW-Authenticate": "Bearer"})
+                           headers={"WWW-Authenticate": "Bearer"})
 
     def _ready(self) -> Response:
         g = self.group

@@ -17,6 +17,8 @@ MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 30.0
+DRAIN_LIMIT = 64 * 1024
+"""An unread body up to this size is read and dropped to keep the connection; a larger one closes it."""
 REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 411: "Length Required", 413: "Payload Too Large",
            429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -132,8 +134,12 @@ async def _connection(handler: Handler, error_body: Callable[[HttpError], bytes]
                 return
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
-            has_body = req.method in ("POST", "PUT", "PATCH") and req.headers.get("content-length", "0") != "0"
-            keep = (req.headers.get("connection", "").lower() != "close" and (req.body_read or not has_body))
+            keep = req.headers.get("connection", "").lower() != "close"
+            if not req.body_read:  # answered before the body was needed (401, 404): skip a small one
+                try:
+                    await req.read_body(DRAIN_LIMIT)
+                except (HttpError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                    keep = False
             if isinstance(resp, EventStream):
                 writer.write(_head(200, "text/event-stream", None, {}, False))
                 await writer.drain()

@@ -23,6 +23,8 @@ from .schema import ApiError
 
 ERROR_GRACE_S = 2.0
 """After one rank reported an error, how long the others get to report before they count as stuck."""
+EXIT_WINDOW_S = 0.3
+"""After a rank reported an error: how long to look for a peer's exit that explains it."""
 FIRST_HEARTBEAT_S = 120.0
 """Heartbeat timeout of a rank that is still starting (imports, model load, first compile)."""
 
@@ -53,6 +55,7 @@ class _Running:
     job_id: str
     on_step: object
     reports: dict = field(default_factory=dict)
+    judged: bool = False
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     settled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -261,20 +264,33 @@ class WorkerGroup:
                 self._on_done(run, rank, msg)
 
     def _on_done(self, run: _Running, rank: int, msg: dict) -> None:
-        if not msg.get("ok") and not run.result.done():
-            err = msg.get("error") or {}
-            if err.get("cancelled"):
-                run.result.set_exception(ApiError(499, "cancelled", code="cancelled"))
-            else:
-                run.result.set_exception(ApiError(
-                    500, f"worker rank {rank} raised {err.get('type')}: {err.get('message')}",
-                    code="worker_error"))
+        if not msg.get("ok") and not run.judged:
+            run.judged = True
+            asyncio.create_task(self._judge_error(run, rank, msg.get("error") or {}))
         if len(run.reports) == self.nproc:
-            if not run.result.done():
+            if not run.result.done() and all(m.get("ok") for _, m in run.reports.values()):
                 run.result.set_result(run.reports[0][1].get("images") or [])
             if not run.settled.done():
                 run.settled.set_result(None)
-            self.running = None
+            if self.running is run:
+                self.running = None
+
+    async def _judge_error(self, run: _Running, rank: int, err: dict) -> None:
+        """A rank failed. A peer that died makes the others fail too (a closed connection inside a collective),
+        so wait a moment for an exit code before blaming the rank that spoke first."""
+        if not err.get("cancelled"):
+            await asyncio.sleep(EXIT_WINDOW_S)
+            for p in self.procs:
+                code = p.popen.poll()
+                if code is not None and self.running is run:
+                    await self._fail(f"worker rank {p.rank} (pid {p.popen.pid}) {_describe_exit(code)}")
+        if run.result.done():
+            return
+        if err.get("cancelled"):
+            run.result.set_exception(ApiError(499, "cancelled", code="cancelled"))
+        else:
+            run.result.set_exception(ApiError(500, f"worker rank {rank} raised {err.get('type')}: "
+                                                   f"{err.get('message')}", code="worker_error"))
 
     # --- jobs ----------------------------------------------------------------------------------------------
 
