@@ -444,6 +444,10 @@ def test_non_loopback_host_without_key_is_refused(tmp_path):
 
 def _failure_round(server, baseline, hit, what):
     """Start a request, hit a rank mid-request, check the 503 / readiness / restart / next image."""
+    t0 = time.monotonic()
+    while server.request("GET", "/health/ready", key=None)[1].get("spares_ready", 0) < 2:
+        assert time.monotonic() - t0 < 300, "spare processes did not finish their imports"
+        time.sleep(0.1)
     before = server.rank_pids()
     box = {}
 
@@ -538,3 +542,31 @@ def test_serve_path_never_unpickles(server):
     assert len(installed) >= 3  # the front and at least the two ranks ran with the guard
     calls = server.guard_log.read_text() if server.guard_log.exists() else ""
     assert calls == "", calls
+
+
+# --- no server needed ---------------------------------------------------------------------------------------
+
+
+def test_serve_plan_section():
+    from xdit_compile.plan import Plan
+
+    plan = Plan.from_dict({"serve": {"max_queue": 8, "api_key_env": "MY_KEY"}})
+    assert plan.serve.max_queue == 8 and plan.serve.max_steps == 100 and plan.serve.output_dir == "outputs/"
+    assert Plan.from_dict(plan.to_dict()) == plan
+    for bad, field in (({"max_queue": 0}, "serve.max_queue"), ({"max_steps": "9"}, "serve.max_steps"),
+                       ({"request_timeout_s": 0}, "serve.request_timeout_s"),
+                       ({"api_key_env": "sk-live key"}, "serve.api_key_env"), ({"output_dir": ""}, "serve.output_dir"),
+                       ({"max_que": 1}, "serve.max_que")):
+        with pytest.raises(ValueError, match=re.escape(field)):
+            Plan.from_dict({"serve": bad})
+
+
+def test_check_host():
+    from xdit_compile.serve import check_host
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_host(host, None, "XDIT_API_KEY")
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+        with pytest.raises(ValueError, match="XDIT_API_KEY"):
+            check_host(host, None, "XDIT_API_KEY")
+        check_host(host, "a-key", "XDIT_API_KEY")

@@ -156,7 +156,7 @@ class Server:
     def _ready(self) -> Response:
         g = self.group
         body = {"status": "ready" if g.state == "ready" else "unavailable", "workers": g.nproc,
-                "workers_up": g.workers_up, "group": g.state, "restarts": g.restarts,
+                "workers_up": g.workers_up, "group": g.state, "restarts": g.restarts, "spares_ready": g.spares_ready,
                 "queue_depth": len(self.queue)}
         running = [j for j in self.jobs.values() if j.status == "running"]
         if running:
@@ -202,7 +202,7 @@ class Server:
     def _cancel(self, job: Job, reason: ApiError) -> None:
         if job.status == "queued":
             self.queue.remove(job)
-            self._finish(job, "cancelled", error=reason)
+            self._finish(job, "failed" if reason.status == 504 else "cancelled", error=reason)
         elif job.status == "running":
             job.cancel_reason = job.cancel_reason or reason
             self.group.cancel(job.id)

@@ -130,13 +130,16 @@ class WorkerGroup:
         self.ready_event.clear()
         self.started_at = time.monotonic()
         procs: list[_Proc] = []
+        self._top_up_spares()  # the first group, or spares not yet replaced: start them all now
         while len(procs) < self.nproc:
-            self._top_up_spares()
+            self.spares = [p for p in self.spares if p.popen.poll() is None]
+            if not self.spares:  # a spare died while importing: replace it
+                self.spares.append(self._start_process())
             spare = self.spares.pop(0)
             try:
                 await asyncio.wait_for(asyncio.shield(spare.imported), FIRST_HEARTBEAT_S)
             except asyncio.TimeoutError:
-                spare.popen.kill()
+                await self._kill([spare])
                 continue
             if spare.popen.poll() is None and spare.imported.result():
                 procs.append(spare)
@@ -293,6 +296,11 @@ class WorkerGroup:
                                                    f"{err.get('message')}", code="worker_error"))
 
     # --- jobs ----------------------------------------------------------------------------------------------
+
+    @property
+    def spares_ready(self) -> int:
+        """Spare processes with their imports done: a restart can use them at once."""
+        return sum(1 for p in self.spares if p.imported.done() and p.imported.result() and p.popen.poll() is None)
 
     @property
     def workers_up(self) -> int:

@@ -66,19 +66,20 @@ def _heartbeat(chan: Channel) -> None:
         time.sleep(HEARTBEAT_S)
 
 
-def _agree(job_bytes: bytes, world: int, rank: int) -> bytes:
-    """Rank 0's job bytes on every rank: tensor broadcasts of the length and the bytes (no pickle)."""
+def _agree(job_bytes: bytes, world: int, rank: int, device) -> bytes:
+    """Rank 0's job bytes on every rank: tensor broadcasts of the length and the bytes (no pickle).
+    ``device``: where the default group's collectives run (cuda for NCCL, cpu for gloo)."""
     import torch
     import torch.distributed as dist
     if world == 1:
         return job_bytes
-    n = torch.tensor([len(job_bytes)], dtype=torch.int64)
+    n = torch.tensor([len(job_bytes)], dtype=torch.int64, device=device)
     dist.broadcast(n, src=0)
-    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
     if rank == 0:
         buf.copy_(torch.frombuffer(bytearray(job_bytes), dtype=torch.uint8))
     dist.broadcast(buf, src=0)
-    return bytes(buf.numpy().tobytes())
+    return bytes(buf.cpu().numpy().tobytes())
 
 
 def _fault(rank: int, step: int) -> None:
@@ -106,14 +107,14 @@ def serve_jobs(chan: Channel, plan, dims, pipe) -> None:
         job_id = str(msg.get("id"))
         try:
             mine = json.dumps(msg.get("request"), sort_keys=True, separators=(",", ":")).encode()
-            agreed = _agree(mine, world, rank)
+            agreed = _agree(mine, world, rank, dims.device)
             if agreed != mine:
                 raise RuntimeError(f"rank {rank} was sent a different request than rank 0")
             req = GenerationRequest.from_json(agreed, limits)
 
             def on_step(i, total):
                 _fault(rank, i)
-                stop = torch.tensor([1 if job_id in chan.cancelled else 0], dtype=torch.int32)
+                stop = torch.tensor([1 if job_id in chan.cancelled else 0], dtype=torch.int32, device=dims.device)
                 if world > 1:
                     dist.all_reduce(stop, op=dist.ReduceOp.MAX)
                 if stop.item():
