@@ -164,10 +164,13 @@ def main() -> None:
 
     import diffusers
     import torch._dynamo  # noqa: F401 (imported ahead of need, like the pipeline classes below)
-    from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler  # noqa: F401
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     plan = Plan.from_dict(json.loads(os.environ["XDIT_SERVE_PLAN"]))
+    if plan.model == "builtin:digits":
+        from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler  # noqa: F401
+    else:  # the pipeline loader; its model classes load with the weights
+        from diffusers import DiffusionPipeline  # noqa: F401
     # A spare until the supervisor gives this process a rank: the imports above are done ahead of need.
     chan.send({"type": "spare"})
     init, _ = chan.jobs.get()
