@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -452,7 +451,6 @@ def _failure_round(server, baseline, hit, what):
     box = {}
 
     def call():
-        t = time.monotonic()
         box["r"] = server.generate(num_inference_steps=300)
         box["t"] = time.monotonic()
 

@@ -123,7 +123,8 @@ class WorkerGroup:
         return proc
 
     async def _form_group(self) -> None:
-        """Give ranks to N spares whose imports are done, top the spares up again, wait for 'ready'."""
+        """Give ranks to N spares once their imports are done; the ranks answer 'ready' when warmed up.
+        New spares start only when the group is ready (on a small machine they would slow its start)."""
         self.generation += 1
         gen, port = self.generation, _free_port()
         self.state, self.ready_ranks = "starting", set()
