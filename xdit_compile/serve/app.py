@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import hashlib
 import hmac
 import json
 import random
@@ -148,7 +149,9 @@ class Server:
             return
         given = req.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        ok = hmac.compare_digest(token.strip().encode(), self.api_key.encode()) and scheme.lower() == "bearer"
+        # Digests first: compare_digest is constant-time in the content, not in a length difference.
+        ok = hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(),
+                                 hashlib.sha256(self.api_key.encode()).digest()) and scheme.lower() == "bearer"
         if not ok:
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
