@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
 STEPS = 4
 PROMPT, SEED = "3", 5
+COLLECTIVE_TIMEOUT_S = 20
+"""The ranks' collective timeout (gloo here, NCCL's watchdog on GPUs): an idle server must outlive it."""
 
 PLAN = f"""
 model = "builtin:digits"
@@ -61,6 +63,7 @@ class Server:
         self.guard_log = tmp / "pickle_guard.log"
         self.fault_file = tmp / "fault.json"
         env = {**os.environ, "XDIT_API_KEY": KEY, "XDIT_PICKLE_GUARD_LOG": str(self.guard_log),
+               "XDIT_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S),
                "XDIT_SERVE_FAULT_FILE": str(self.fault_file),
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "serve_guard"),
                                               os.environ.get("PYTHONPATH", "")])}
@@ -203,6 +206,14 @@ def test_openai_client_matches_xdit_compile_run(server, baseline):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"http://{server.host}:{server.port}/v1", api_key="wrong",
                       max_retries=0).images.generate(prompt=PROMPT, response_format="b64_json")
+
+
+def test_idle_server_outlives_the_collective_timeout(server, baseline):
+    server.generate()
+    time.sleep(COLLECTIVE_TIMEOUT_S + 2)  # idle ranks wait on their sockets, in no collective
+    status, res, _ = server.generate()
+    assert status == 200 and _pngs(res) == baseline
+    assert server.request("GET", "/health/ready", key=None)[1]["restarts"] == 0
 
 
 # --- 2. concurrency ---------------------------------------------------------------------------------------------
