@@ -1,6 +1,8 @@
 """xdit-compile command line.
 
     xdit-compile explain PLAN --model NAME_OR_FOLDER [--height H --width W] [--nproc N] [--dtype D]
+    xdit-compile run PLAN [--nproc N] [--prompt P --steps S --seed X --output DIR]
+    xdit-compile serve PLAN [--nproc N] [--host 127.0.0.1 --port 8000]   (see xdit_compile/serve/)
 
 Runs one model under a plan and reports what the compiler did: on rank 0 it prints
 ``xdit_compile.explain(model)``, the relative error of the parallel output against the one-process
@@ -52,7 +54,39 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="overrides run.num_inference_steps")
     r.add_argument("--seed", type=int, help="overrides run.seed")
     r.add_argument("--output", help="overrides run.output")
+    s = sub.add_parser(
+        "serve", help="serve the plan's model over HTTP (OpenAI images API, jobs, health, metrics)",
+        description="Start the worker ranks and an HTTP front for the plan's model. Limits come from the "
+                    "plan's [serve] section; an API key, if any, from the environment variable it names.")
+    s.add_argument("plan", help="plan file (.toml, .yaml)")
+    s.add_argument("--nproc", type=int, help="worker ranks (default: the plan's world size)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                                                       "needs an API key)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     return p
+
+
+def _serve_command(args) -> int:
+    from .plan import load_plan
+    from .serve import check_host, serve
+    with _usage():
+        plan = load_plan(args.plan)
+        reason = plan.unsupported_reason()
+        if reason:
+            raise UsageError(reason)
+        if not plan.model:
+            raise UsageError(f"{args.plan} has no 'model'; set model = \"builtin:digits\" or a diffusers folder")
+        nproc = plan.parallel.world_size if args.nproc is None else args.nproc
+        if nproc < 1:
+            raise UsageError(f"--nproc must be >= 1, got {nproc}")
+        plan.check_world_size(nproc)
+        if plan.parallel.cfg > 1 and plan.run.guidance_scale <= 1:
+            raise UsageError(f"parallel.cfg={plan.parallel.cfg} splits classifier-free guidance, but "
+                             f"run.guidance_scale={plan.run.guidance_scale} (the default) turns it off; set it > 1")
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port must be 0..65535, got {args.port}")
+        check_host(args.host, os.environ.get(plan.serve.api_key_env) or None, plan.serve.api_key_env)
+    return serve(plan, nproc, args.host, args.port)
 
 
 def _run_command(args, argv) -> int:
@@ -95,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run_command(args, argv)
+        if args.command == "serve":
+            return _serve_command(args)
         return _explain(args, argv)
     except UsageError as e:
         if _rank() == 0:  # every rank finds the same mistake; one line is enough

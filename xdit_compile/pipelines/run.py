@@ -61,9 +61,45 @@ class _Timer:
         return out
 
 
+def build(plan, dims):
+    """Load the plan's pipeline on this rank's device and parallelize it (compiled on the first call)."""
+    import xdit_compile
+
+    pipe = load_pipeline(plan.model, plan.dtype, dims.device)
+    xdit_compile.parallelize(pipe, plan)
+    return pipe
+
+
+def generate(pipe, *, prompts, seed, num_inference_steps, guidance_scale, height=0, width=0,
+             negative_prompt="", on_step=None):
+    """One pipeline call, the same on every rank: image i uses ``Generator().manual_seed(seed + i)``.
+
+    ``on_step(step, total)`` runs after each denoising step (1-based); raising in it stops the call.
+    Returns the images (every rank: all of them, in order).
+    """
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    kwargs = dict(prompt=list(prompts), generator=gens, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, output_type="pt")
+    if height:
+        kwargs["height"] = height
+    if width:
+        kwargs["width"] = width
+    if isinstance(pipe, DigitsPipeline):
+        pipe.progress = on_step
+    else:
+        if negative_prompt:
+            kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+        if on_step is not None:
+            def callback(p, i, t, kw):
+                on_step(i + 1, num_inference_steps)
+                return kw
+            kwargs["callback_on_step_end"] = callback
+    out = pipe(**kwargs)
+    return out.images if hasattr(out, "images") else out[0]
+
+
 def run(plan, *, progress: bool = True) -> dict:
     """Generate the plan's images. Returns {"images": tensor (rank 0: all images), "timing": {...}}."""
-    import xdit_compile
     from ..mesh import ParallelDims
 
     r = plan.run
@@ -71,9 +107,8 @@ def run(plan, *, progress: bool = True) -> dict:
         raise ValueError(f"parallel.cfg={plan.parallel.cfg} splits classifier-free guidance, but "
                          f"run.guidance_scale={r.guidance_scale} turns it off; set guidance_scale > 1 or cfg = 1")
     dims = ParallelDims.from_plan(plan.parallel)
-    pipe = load_pipeline(plan.model, plan.dtype, dims.device)
     t_start = time.perf_counter()
-    xdit_compile.parallelize(pipe, plan)
+    pipe = build(plan, dims)
     tf = _Timer(pipe.transformer.forward)
     pipe.transformer.forward = tf
     vae_timer = None
@@ -81,30 +116,20 @@ def run(plan, *, progress: bool = True) -> dict:
         vae_timer = _Timer(pipe.vae.decode)
         pipe.vae.decode = vae_timer
     prompts = r.prompts()
-    gens = [torch.Generator().manual_seed(r.seed + i) for i in range(len(prompts))]
     bar = None
     if progress and dims.rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=r.num_inference_steps, desc=f"xdit run ({dims.world_size} procs)", unit="step")
-    kwargs = dict(prompt=prompts, generator=gens, num_inference_steps=r.num_inference_steps,
-                  guidance_scale=r.guidance_scale, output_type="pt")
-    if r.height:
-        kwargs["height"] = r.height
-    if r.width:
-        kwargs["width"] = r.width
-    if isinstance(pipe, DigitsPipeline):
-        pipe.progress = (lambda i, n: bar.update(1)) if bar else None
-    else:
-        if r.negative_prompt:
-            kwargs["negative_prompt"] = [r.negative_prompt] * len(prompts)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=dims.rank != 0)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=dims.rank != 0)
     t0 = time.perf_counter()
-    out = pipe(**kwargs)
+    images = generate(pipe, prompts=prompts, seed=r.seed, num_inference_steps=r.num_inference_steps,
+                      guidance_scale=r.guidance_scale, height=r.height, width=r.width,
+                      negative_prompt=r.negative_prompt,
+                      on_step=(lambda i, n: bar.update(1)) if bar and isinstance(pipe, DigitsPipeline) else None)
     total = time.perf_counter() - t0
     if bar:
         bar.close()
-    images = out.images if hasattr(out, "images") else out[0]
     steps = tf.times
     timing = {
         "transformer_ms_per_step_median": 1000 * sorted(steps)[len(steps) // 2] if steps else 0.0,
@@ -117,6 +142,16 @@ def run(plan, *, progress: bool = True) -> dict:
     if dims.rank == 0:
         _write(images, prompts, Path(r.output), timing, plan, dims)
     return {"images": images, "timing": timing}
+
+
+def png_bytes(image) -> bytes:
+    """One (C, H, W) image in [0, 1] as the PNG bytes ``_write`` saves."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(_u8(image)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _write(images, prompts, out: Path, timing, plan, dims):

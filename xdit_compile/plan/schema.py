@@ -25,6 +25,7 @@ __all__ = [
     "ParallelConfig",
     "Plan",
     "SECTIONS",
+    "ServeConfig",
 ]
 
 
@@ -236,6 +237,42 @@ class RunConfig:
         return p * self.num_images if len(p) == 1 else p
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Limits and settings of `xdit-compile serve` (checked by the HTTP front before any rank does work)."""
+
+    SECTION: ClassVar[str] = "serve"
+
+    max_queue: int = 64
+    """Requests waiting for the workers; one more is answered 429 with Retry-After."""
+    max_steps: int = 100
+    """Largest num_inference_steps a request may ask for."""
+    max_images_per_request: int = 8
+    """Largest n of a request."""
+    request_timeout_s: float = 600
+    """A request (queue wait + generation) still unfinished after this long is cancelled (504)."""
+    heartbeat_timeout_s: float = 5.0
+    """A rank silent for this long (e.g. SIGSTOPped) counts as down: its request fails 503, the group restarts."""
+    api_key_env: str = "XDIT_API_KEY"
+    """Name of the environment variable holding the API key (never the key itself); unset: no key needed."""
+    output_dir: str = "outputs/"
+    """Where job results are written, one server-made id per folder."""
+
+    def __post_init__(self) -> None:
+        _check_int(f"{self.SECTION}.max_queue", self.max_queue)
+        _check_int(f"{self.SECTION}.max_steps", self.max_steps)
+        _check_int(f"{self.SECTION}.max_images_per_request", self.max_images_per_request)
+        for key in ("request_timeout_s", "heartbeat_timeout_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{self.SECTION}.{key} must be a number of seconds > 0, got {_got(value)}")
+        if not isinstance(self.api_key_env, str) or not self.api_key_env.replace("_", "").isalnum():
+            raise ValueError(f"{self.SECTION}.api_key_env must name an environment variable (letters, digits, _), "
+                             f"got {_got(self.api_key_env)}; put the key itself in that variable, not in the plan")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"{self.SECTION}.output_dir must be a folder path, got {_got(self.output_dir)}")
+
+
 # --- the plan -----------------------------------------------------------------------------------------
 
 
@@ -255,6 +292,8 @@ class Plan:
     """VAE decode (see ``VaeConfig``)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Inputs of ``xdit-compile run`` (see ``RunConfig``)."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Limits of ``xdit-compile serve`` (see ``ServeConfig``)."""
     dtype: str = "float32"
     """Weights and compute dtype: float32, bfloat16 or float16."""
 
