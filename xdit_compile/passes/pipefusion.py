@@ -138,11 +138,12 @@ def shard_patch(gm, ctx, m: int, num_patches: int):
         patch[u] = []
         for start, length in full[u]:
             s, n = even_layout(length, num_patches)[m]
-            if n < 1:
-                raise ValueError(f"pipefusion.num_patches={num_patches}: a sequence segment of "
-                                 f"{an.classes.size[u]} tokens ({length} per sequence-parallel rank) has fewer "
-                                 "tokens than patches; use fewer patches")
             patch[u].append((start + s, n))
+    # A short segment (7 text tokens in 8 patches) may be empty in a patch; the patch itself may not.
+    if any(sum(patch[u][r][1] for u in units) < 1 for r in range(ctx.sp_size)):
+        raise ValueError(f"pipefusion.num_patches={num_patches} leaves patch {m} without tokens "
+                         f"(sequence segments {[an.classes.size[u] for u in units]} over "
+                         f"{ctx.sp_size} sequence-parallel ranks); use fewer patches")
     axes = _axes(ctx)
     pctx = ShardContext(an=an, unit_axis=unit_axis, layout=patch, axes=axes, whole_outputs=False)
     fctx = ShardContext(an=an, unit_axis=unit_axis, layout=full, axes=axes)
