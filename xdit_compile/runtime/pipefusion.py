@@ -134,7 +134,9 @@ class PFAttention(torch.nn.Module):
         if pg is not None:
             rank = pg.rank()
             q, k, v, mask, gqa = _ulysses_in(q, k, v, mask, pg, rank, self.sizes, self.gqa, sum(self.sizes), 0)
-        index = None if self.index is None else self.index.to(k.device)
+        if self.index is not None and self.index.device != k.device:
+            self.index = self.index.to(k.device)     # once: the positions are static
+        index = self.index
         self.state.write(k, v, index)
         if index is not None:
             k, v = self.state.k, self.state.v
