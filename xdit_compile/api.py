@@ -109,6 +109,9 @@ def unparallelize(model):
     target = model if isinstance(model, torch.nn.Module) else model.transformer
     if getattr(target, "_xdit_plan", None) is None:
         return model
+    if target._xdit_plan.parallel.pipefusion > 1 and any(p.device.type == "meta" for p in target.parameters()):
+        raise ValueError("this model ran with parallel.pipefusion > 1, which dropped the other stages' parameters "
+                         "on this rank; load the model again instead of unparallelizing it")
     target.forward = target._xdit_orig_forward
     for a in ("_xdit_plan", "_xdit_compiler", "_xdit_orig_forward"):
         delattr(target, a)
