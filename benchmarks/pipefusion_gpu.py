@@ -27,6 +27,7 @@ Writes a markdown table to stdout and JSON (all rows) to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -175,6 +176,7 @@ class Bench:
                              dict(patches=patches, warmup_steps=warm, param_gib_rank0=params / 2**30,
                                   peak_gib_rank0=peak))
                     del m, x
+                    gc.collect()         # the parallelized forward closes over the model: a reference cycle
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     dist.barrier()
