@@ -173,6 +173,9 @@ class Bench:
                     params = sum(p.numel() * p.element_size() for p in m.parameters() if p.device.type != "meta")
                     peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" \
                         else float("nan")
+                    # what the rank really holds after the loop (weights kept + KV buffers + the output)
+                    alloc = torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" \
+                        else float("nan")
                     err = None
                     if self.rank == 0:
                         err = ((x.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -181,7 +184,7 @@ class Bench:
                     label = name if warm == 1 else f"{name} exact (warmup={warm}; time incl. compile)"
                     self.add(res, label, self.world, times, first, err,
                              dict(patches=patches, warmup_steps=warm, param_gib_rank0=params / 2**30,
-                                  peak_gib_rank0=peak))
+                                  peak_gib_rank0=peak, allocated_gib_rank0=alloc))
                     del m, x
                     gc.collect()         # the parallelized forward closes over the model: a reference cycle
                     if self.device.type == "cuda":
