@@ -19,8 +19,6 @@ stage's parameters (``free_ids``: the other stages' parameter tensors, for the c
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
@@ -253,15 +251,12 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
         if node is None:
             raise ValueError(f"pipefusion: value {name} that the epilogue reads is missing from the full program")
         epi[name] = node
-    if ctx.timings is not None and ctx.cfg_size > 1 and not ctx.cfg_split:
-        warnings.warn("xdit: pipefusion with cfg over two transformer calls per step keeps one KV buffer per "
-                      "rank; each cfg rank runs one of the two calls", stacklevel=2)
     report = {
         "stages": [{"rank": s, "blocks": [b.name for b in stack.blocks[a:z]], "params": stage_numel[s]}
                    for s, (a, z) in enumerate(ranges)],
         "num_patches": num_patches,
         "warmup_steps": warmup_steps,
-        "patch_tokens": _patch_tokens(patches, pieces, names),
+        "patch_tokens": _patch_tokens(pieces, names),
         "attention_layers": len(states),
     }
     p2p = P2P(ctx.group_name("pipefusion"), dims.device)
@@ -293,7 +288,7 @@ def _piece(pctx, fctx, a, local: bool):
     return where[0], where[1], tuple(shape)
 
 
-def _patch_tokens(patches, pieces, names) -> list[int]:
+def _patch_tokens(pieces, names) -> list[int]:
     """Tokens per patch along the first patch-split value (the hidden states at the end of the stack)."""
     for i in range(len(names)):
         if pieces[0][i][0] is not None:

@@ -184,7 +184,6 @@ class Program:
         for s in range(num_stages - 1):
             self.carry.append([v for v in values if 1 <= self.part[v] <= s + 1
                                and any(r > s + 1 for r in readers(v))])
-        self.stage_values = [v for v in values if 1 <= self.part[v] <= num_stages]
         # top-level value -> the original graph node name it carries (split_module keeps names inside)
         self.name: dict[fx.Node, str] = {}
         for _, node in self.calls:
