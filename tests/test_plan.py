@@ -45,7 +45,7 @@ def test_defaults():
     assert plan.attention.backend == "auto" and plan.compile.lowering == "eager"
     assert plan.model is None and plan.unsupported_reason() is None
     assert Plan.from_dict({}) == plan
-    assert set(SECTIONS) == {"parallel", "attention", "compile", "vae", "run", "serve"}
+    assert set(SECTIONS) == {"parallel", "attention", "compile", "pipefusion", "vae", "run", "serve"}
 
 
 def test_frozen_and_keyword_only():
@@ -165,11 +165,11 @@ def test_check_world_size():
     )
 
 
-@pytest.mark.parametrize("axis", ["pipefusion"])
-def test_unsupported_reason(axis):
-    plan = Plan.from_dict({"parallel": {axis: 2}})
+def test_unsupported_reason():
+    plan = Plan.from_dict({"parallel": {"pipefusion": 2, "ring": 2}})
     reason = plan.unsupported_reason()
-    assert reason is not None and reason.startswith(f"parallel.{axis}=2 is not implemented yet")
+    assert reason is not None and reason.startswith("parallel.pipefusion=2 with parallel.ring=2 is not implemented")
+    assert Plan.from_dict({"parallel": {"pipefusion": 2, "ulysses": 2, "cfg": 2}}).unsupported_reason() is None
     assert Plan.from_dict({"parallel": {"ring": 2, "ulysses": 4}}).unsupported_reason() is None
     assert Plan.from_dict({"parallel": {"cfg": 2, "data": 2}}).unsupported_reason() is None
 

@@ -49,11 +49,19 @@ def parallelize(model, plan, *, disable_passes=()):
         from .models_registry.specs import apply_spec
         compiler.spec = apply_spec(target)
     orig_forward = target.forward
-    compiled = torch.compile(orig_forward, backend=compiler, fullgraph=plan.compile.fullgraph, dynamic=False)
+    options = {}
+    if compiler.dims.axis_size("pipefusion") > 1:
+        # Each rank drops the other stages' parameters after the first call: no guard may re-check them.
+        options["guard_filter_fn"] = _no_parameter_guards
+    compiled = torch.compile(orig_forward, backend=compiler, fullgraph=plan.compile.fullgraph, dynamic=False,
+                             options=options or None)
     state = {"warned": False}
 
     def forward(*args, **kwargs):
         out = compiled(*args, **kwargs)
+        if compiler.free_ids:
+            _free_parameters(target, compiler.free_ids)
+            compiler.free_ids = set()
         if not state["warned"]:
             state["warned"] = True
             if not compiler.reports and plan.parallel.world_size > 1:
@@ -71,11 +79,39 @@ def parallelize(model, plan, *, disable_passes=()):
     return model
 
 
+def _no_parameter_guards(entries):
+    return [not ("_parameters" in e.name or "_buffers" in e.name) for e in entries]
+
+
+def _free_parameters(model, ids) -> int:
+    """Replace the parameters whose tensor id is in ``ids`` by meta tensors (pipefusion: other stages')."""
+    freed = 0
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in ids:
+                mod._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                           requires_grad=p.requires_grad)
+                freed += p.numel()
+    return freed
+
+
+def reset_pipefusion(model) -> None:
+    """Start a new denoising loop: the next ``pipefusion.warmup_steps`` calls run on the whole sequence again.
+    Pipelines parallelized with ``parallelize(pipe, plan)`` do this at every ``pipe(...)`` call."""
+    target = model if isinstance(model, torch.nn.Module) else model.transformer
+    compiler = getattr(target, "_xdit_compiler", None)
+    for r in getattr(compiler, "pipefusion_runners", ()):
+        r.reset()
+
+
 def unparallelize(model):
     """Undo parallelize(): restore the original forward."""
     target = model if isinstance(model, torch.nn.Module) else model.transformer
     if getattr(target, "_xdit_plan", None) is None:
         return model
+    if target._xdit_plan.parallel.pipefusion > 1 and any(p.device.type == "meta" for p in target.parameters()):
+        raise ValueError("this model ran with parallel.pipefusion > 1, which dropped the other stages' parameters "
+                         "on this rank; load the model again instead of unparallelizing it")
     target.forward = target._xdit_orig_forward
     for a in ("_xdit_plan", "_xdit_compiler", "_xdit_orig_forward"):
         delattr(target, a)
@@ -112,6 +148,8 @@ def _sizes(a) -> str:
 def format_reports(reports) -> str:
     lines = []
     for rep in reports:
+        if rep.get("pipefusion"):
+            lines.extend(_format_pipefusion(rep))
         lines.append(f"graph {rep['subgraph']}: sequence-parallel degree {rep['sp_size']}, "
                      f"sharded token segments (full lengths) {rep['units']}"
                      + (f", batch {rep['cfg_batch'][0]} split over the cfg axis" if rep.get("cfg_batch") else ""))
@@ -137,3 +175,20 @@ def format_reports(reports) -> str:
             lines.append(f"  ops without a sharding rule (run at full size): {', '.join(rep['unknown_ops'])}")
         lines.append(f"  bytes sent per forward per rank: {total:,}")
     return "\n".join(lines)
+
+
+def _format_pipefusion(rep) -> list[str]:
+    pf = rep["pipefusion"]
+    runner = rep.get("pipefusion_runner")
+    lines = [f"graph {rep['subgraph']}: pipefusion over {len(pf['stages'])} stages, {pf['num_patches']} patches "
+             f"(tokens per patch {pf['patch_tokens']}), warm-up {pf['warmup_steps']} full step(s), "
+             f"{pf['attention_layers']} attention layers with a stale-KV buffer"]
+    for st in pf["stages"]:
+        b = st["blocks"]
+        what = f"{b[0]} .. {b[-1]}" if len(b) > 1 else b[0]
+        lines.append(f"  stage {st['rank']} (pipefusion rank {st['rank']}): {len(b)} blocks {what}, "
+                     f"{st['params']:,} parameters")
+    if runner is not None and runner.bytes_per_call:
+        for kind, b in runner.bytes_per_call.items():
+            lines.append(f"  P2P bytes sent per {kind} step by this rank: {b:,}")
+    return lines

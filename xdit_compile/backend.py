@@ -33,6 +33,10 @@ class CompileContext:
     shard: object = None
 
     @property
+    def pipefusion(self) -> bool:
+        return self.dims.axis_size("pipefusion") > 1
+
+    @property
     def ulysses(self) -> int:
         return self.dims.axis_size("ulysses")
 
@@ -81,14 +85,41 @@ class XditCompiler:
         self.disabled = frozenset(disabled_passes)
         self.cfg_external = False
         self.reports: list[dict] = []
+        self.pipefusion_runners: list = []
+        self.free_ids: set[int] = set()   # parameter tensors of other pipefusion stages (api.py drops them)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
                              disabled_passes=self.disabled, cfg_external=self.cfg_external)
+        if ctx.pipefusion and "pipefusion" not in self.disabled:
+            return self._pipefusion(gm, example_inputs, ctx)
         gm = run_passes(gm, ctx)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
         return lower(gm, example_inputs, self.plan.compile.lowering, self.plan.compile.cudagraphs)
+
+
+    def _pipefusion(self, gm, example_inputs, ctx):
+        import time
+
+        from .passes.pipefusion import build_pipefusion
+        t0 = time.perf_counter()
+        cfg = self.plan.pipefusion
+        runner, free, pf = build_pipefusion(
+            gm, example_inputs, ctx, run_passes, num_patches=cfg.patches(ctx.dims.axis_size("pipefusion")),
+            warmup_steps=cfg.warmup_steps)
+        ctx.timings["pipefusion"] = time.perf_counter() - t0
+        if self.plan.compile.lowering != "eager":
+            import warnings
+            warnings.warn(f"xdit: pipefusion stages run eagerly (compile.lowering={self.plan.compile.lowering!r} "
+                          "is not applied to them in this version)", stacklevel=2)
+        self.free_ids |= free
+        self.pipefusion_runners.append(runner)
+        rep = _report(gm, ctx, len(self.reports))
+        rep["pipefusion"] = pf
+        rep["pipefusion_runner"] = runner
+        self.reports.append(rep)
+        return runner
 
 
 def _warn_if_idle(gm, ctx):

@@ -33,7 +33,7 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         if ctx.cfg_split:
             passes.append(("split_cfg", split_cfg_pass))
         passes.append(("shard_sequence", _shard))
-    if ctx.sp_size > 1:
+    if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
         passes.append(("rewrite_attention", rewrite_attention_pass))
     return [(name, fn) for name, fn in passes if name not in ctx.disabled_passes]
 

@@ -45,6 +45,8 @@ class ShardContext:
     layout: dict[int, list[tuple[int, int]]]     # unit -> per rank of its axis: (start, length)
     axes: dict[str, Axis]                        # "sp", "cfg" and the combined "cfg+sp" (cfg-major)
     events: list[dict] = field(default_factory=list)
+    whole_outputs: bool = True                   # False (pipefusion patches): outputs stay LOCAL, no gathers
+    local_outputs: list[bool] = field(default_factory=list)   # per graph output: LOCAL (after the pass)
     _pos: dict = field(default_factory=dict)
     units: frozenset = frozenset()
 
@@ -151,6 +153,10 @@ class _Rewriter:
         if x in self.full_of:
             return self.full_of[x]
         ctx = self.ctx
+        if not ctx.whole_outputs:
+            raise ValueError(f"{before.name} ({_opname(before)}) needs the whole token dim of {x.name}, which a "
+                             "pipefusion patch does not hold; pipefusion supports models whose blocks and "
+                             "embeddings work token by token (attention aside)")
         cur = x
         with self.g.inserting_before(before):
             sent = 0
@@ -187,6 +193,10 @@ class _Rewriter:
         for n in list(self.g.nodes):              # nodes inserted on the way are not in this list
             if n.op in ("placeholder", "get_attr"):
                 self.mode[n] = "F"
+            elif n.op == "output" and not self.ctx.whole_outputs:
+                outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
+                self.ctx.local_outputs = [self.mode.get(a, "F") == "L" and bool(_sharded_dims(self.ctx, a))
+                                          if isinstance(a, fx.Node) else False for a in outs]
             elif n.op == "output":
                 self.map_args(n, self.as_full)
             else:

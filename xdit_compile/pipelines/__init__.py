@@ -7,7 +7,8 @@ batch [uncond, cond] into one call, the split_cfg pass) and then, per the plan:
   calls run at the same time on the two halves of the ranks (`AlternatingCFG`);
 - data>1: `pipeline(...)` splits its per-image arguments over the data groups and gathers the images, in
   order, on every rank (`DataParallelCall`);
-- vae.parallel: the VAE decodes row slabs on all ranks (runtime/vae.py).
+- vae.parallel: the VAE decodes row slabs on all ranks (runtime/vae.py);
+- pipefusion>1: each `pipeline(...)` call starts with `pipefusion.warmup_steps` full steps again.
 """
 from __future__ import annotations
 
@@ -161,12 +162,16 @@ def parallelize_pipeline(pipe, plan):
         from ..runtime.vae import enable_parallel_decode
         enable_parallel_decode(pipe.vae, dims.get_group("replica") if dims.world_size > 1 else None)
     data = dims.axis_size("data") > 1
-    if cfg is not None or data:
+    pipefusion = dims.axis_size("pipefusion") > 1
+    if cfg is not None or data or pipefusion:
         cls = type(pipe)
         call = DataParallelCall(cls.__call__, dims) if data else cls.__call__
         cfg_on = TWO_CALL.get(cls.__name__)
 
         def __call__(self, *a, **k):
+            if pipefusion:      # a new denoising loop: warm-up steps again
+                for r in compiler.pipefusion_runners:
+                    r.reset()
             if cfg is not None:
                 cfg.reset(active=cfg_on(k))
             out = call(self, *a, **k)

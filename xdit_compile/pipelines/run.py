@@ -177,7 +177,7 @@ def _write(images, prompts, out: Path, timing, plan, dims):
         Image.fromarray(_u8(grid)).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(out / "grid.png")
     p = plan.parallel
     lines = ["| what | value |", "| --- | --- |",
-             f"| plan | data={p.data} cfg={p.cfg} ring={p.ring} ulysses={p.ulysses} ({dims.world_size} procs, "
+             f"| plan | data={p.data} cfg={p.cfg} pipefusion={p.pipefusion} ring={p.ring} ulysses={p.ulysses} ({dims.world_size} procs, "
              f"{plan.compile.lowering}) |",
              f"| transformer ms/step (median) | {timing['transformer_ms_per_step_median']:.1f} |",
              f"| transformer first call ms (compile) | {timing['transformer_ms_first_call']:.1f} |",

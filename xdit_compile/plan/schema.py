@@ -23,6 +23,7 @@ __all__ = [
     "AttentionConfig",
     "CompileConfig",
     "ParallelConfig",
+    "PipeFusionConfig",
     "Plan",
     "SECTIONS",
     "ServeConfig",
@@ -174,6 +175,28 @@ class CompileConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PipeFusionConfig:
+    """PipeFusion (``parallel.pipefusion > 1``): blocks in stages, the sequence in patches, stale K/V."""
+
+    SECTION: ClassVar[str] = "pipefusion"
+
+    num_patches: int | None = None
+    """Patches per sequence (default: the pipefusion degree); more patches, smaller pipeline bubbles."""
+    warmup_steps: int = 1
+    """Denoising steps (transformer calls) run on the whole sequence first; steps >= this many use stale K/V.
+    Set it to the number of steps for an exact (bubbly) pipeline."""
+
+    def __post_init__(self) -> None:
+        if self.num_patches is not None:
+            _check_int(f"{self.SECTION}.num_patches", self.num_patches)
+        _check_int(f"{self.SECTION}.warmup_steps", self.warmup_steps)
+
+    def patches(self, degree: int) -> int:
+        """The number of patches for a pipefusion degree."""
+        return self.num_patches if self.num_patches is not None else degree
+
+
+@dataclass(frozen=True, kw_only=True)
 class VaeConfig:
     """How the pipeline's VAE decodes."""
 
@@ -288,6 +311,8 @@ class Plan:
     """Local attention backend (see ``AttentionConfig``)."""
     compile: CompileConfig = field(default_factory=CompileConfig)
     """Lowering of the rewritten graph (see ``CompileConfig``)."""
+    pipefusion: PipeFusionConfig = field(default_factory=PipeFusionConfig)
+    """Patches and warm-up of PipeFusion (see ``PipeFusionConfig``)."""
     vae: VaeConfig = field(default_factory=VaeConfig)
     """VAE decode (see ``VaeConfig``)."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -348,15 +373,9 @@ class Plan:
         if self.compile.dynamic:
             return ("compile.dynamic=true is not supported yet: the sharding analysis works on static shapes "
                     "(each new input shape compiles once); set compile.dynamic = false")
-        for axis in ("pipefusion",):
-            degree = getattr(p, axis)
-            if degree > 1:
-                return (
-                    f"parallel.{axis}={degree} is not implemented yet; data, cfg and sequence "
-                    f"parallelism (parallel.ring, parallel.ulysses) run in this version. "
-                    f"Set parallel.{axis}=1 and give the processes to ulysses or ring "
-                    f"(e.g. parallel.ulysses={p.ulysses * degree})"
-                )
+        if p.pipefusion > 1 and p.ring > 1:
+            return (f"parallel.pipefusion={p.pipefusion} with parallel.ring={p.ring} is not implemented yet "
+                    "(pipefusion combines with ulysses, cfg and data); give the ring degree to ulysses")
         return None
 
 

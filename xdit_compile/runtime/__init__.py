@@ -4,3 +4,4 @@ try:
     from . import attention  # noqa: F401
 except ImportError:  # pragma: no cover - only while the module is being written
     pass
+from . import pipefusion  # noqa: F401,E402
