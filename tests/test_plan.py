@@ -45,7 +45,7 @@ def test_defaults():
     assert plan.attention.backend == "auto" and plan.compile.lowering == "eager"
     assert plan.model is None and plan.unsupported_reason() is None
     assert Plan.from_dict({}) == plan
-    assert set(SECTIONS) == {"parallel", "attention", "compile", "vae", "run"}
+    assert set(SECTIONS) == {"parallel", "attention", "compile", "vae", "cache", "run"}
 
 
 def test_frozen_and_keyword_only():

@@ -150,7 +150,8 @@ def find_blocks(gm: fx.GraphModule) -> BlockStack | None:
 def _is_param(p: fx.Node) -> bool:
     src = p.meta.get("grapharg")
     if src is not None and hasattr(src, "source"):
-        name = src.source.name() if hasattr(src.source, "name") else str(src.source)
+        name = getattr(src.source, "name", None)
+        name = name() if callable(name) else (name or str(src.source))   # a method or a property by version
     else:
         name = p.target
     return "_parameters" in str(name) or "_buffers" in str(name) or "parameters_" in p.name
