@@ -93,11 +93,12 @@ def _controller(model):
     return compiler.cache
 
 
-def cache_state(model, *, num_steps: int | None = None, force=None):
+def cache_state(model, *, num_steps: int | None = None, force=None, threshold: float | None = None):
     """A fresh per-request cache state for a parallelized model; use it as a context manager around the
     denoising loop of one generation (pipelines do this themselves). ``num_steps`` lets TeaCache compute
-    the last step; ``force(step) -> "compute" | "skip" | None`` forces a pattern (benchmarks, tests)."""
-    return _controller(model).new_state(num_steps=num_steps, force=force)
+    the last step; ``force(step) -> "compute" | "skip" | None`` forces a pattern (benchmarks, tests);
+    ``threshold`` overrides the plan's for this request (it is a graph input: no recompile)."""
+    return _controller(model).new_state(num_steps=num_steps, force=force, threshold=threshold)
 
 
 def cache_summary(model) -> dict:

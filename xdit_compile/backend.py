@@ -105,8 +105,8 @@ class XditCompiler:
         import torch
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         state = [torch.full(s.shape, s.init, dtype=s.dtype, device=device) for s in ctx.cache_info.state]
-        mode = self.cache.mode_tensor(0, device)
-        fn = lower(gm, [*example_inputs, *state, mode], self.plan.compile.lowering)
+        extra = [self.cache.mode_tensor(0, device), self.cache.threshold_tensor(None, device)]
+        fn = lower(gm, [*example_inputs, *state, *extra], self.plan.compile.lowering)
         return self.cache.wrap(fn, ctx.cache_info)
 
 

@@ -49,23 +49,19 @@ def l1_stats(s: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.stack([(s32 - p32).abs().sum(), p32.abs().sum()])
 
 
-def fb_decide(stats, mode, threshold: float):
+def fb_decide(stats, mode, threshold):
     rel = stats[0] / stats[1]
-    skip = mode == 2
-    if threshold > 0:
-        skip = skip | ((mode == 0) & (rel < threshold))
+    skip = (mode == 2) | ((mode == 0) & (threshold > 0) & (rel < threshold))
     return skip, rel
 
 
-def tea_decide(stats, mode, acc, threshold: float, coefficients: list):
+def tea_decide(stats, mode, acc, threshold, coefficients: list):
     rel = stats[0] / stats[1]
     scaled = torch.zeros_like(rel)
     for c in coefficients:                 # Horner, highest degree first (numpy.polyval)
         scaled = scaled * rel + c
     acc_new = acc + scaled
-    skip = mode == 2
-    if threshold > 0:
-        skip = skip | ((mode == 0) & (acc_new < threshold))
+    skip = (mode == 2) | ((mode == 0) & (threshold > 0) & (acc_new < threshold))
     return skip, torch.where(skip, acc_new, torch.zeros_like(acc_new)), rel
 
 
@@ -293,9 +289,10 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
     last_ph = [n for n in g.nodes if n.op == "placeholder"][-1]
     phs = []
     with g.inserting_after(last_ph):
-        for spec in reversed(specs + [StateSpec("xdit_cache_mode", (), torch.int32)]):
+        for spec in reversed(specs + [StateSpec("xdit_cache_mode", (), torch.int32),
+                                      StateSpec("xdit_cache_threshold", (), torch.float32)]):
             phs.insert(0, g.placeholder(spec.name))
-    res_ph, prev_ph, mode_ph = phs[:len(res_specs)], phs[len(res_specs)], phs[-1]
+    res_ph, prev_ph, mode_ph, thr_ph = phs[:len(res_specs)], phs[len(res_specs)], phs[-2], phs[-1]
     acc_ph = phs[len(res_specs) + 1] if tea else None
     # --- branches
     offsets = {o: f.tensor(o).storage_offset() != 0 for o in touts}
@@ -313,12 +310,12 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
             stats = g.call_function(torch.ops.xdit.all_reduce_sum.default, (stats, ctx.group_name("cfg+sp")))
         if tea:
             coeffs, coeff_src = _coefficients(cfg, ctx.model_class)
-            dec = g.call_function(tea_decide, (stats, mode_ph, acc_ph, float(cfg.threshold), coeffs))
+            dec = g.call_function(tea_decide, (stats, mode_ph, acc_ph, thr_ph, coeffs))
             new_acc = g.call_function(operator.getitem, (dec, 1))
             rel = g.call_function(operator.getitem, (dec, 2))
         else:
             coeff_src = None
-            dec = g.call_function(fb_decide, (stats, mode_ph, float(cfg.threshold)))
+            dec = g.call_function(fb_decide, (stats, mode_ph, thr_ph))
             rel = g.call_function(operator.getitem, (dec, 1))
         skip = g.call_function(operator.getitem, (dec, 0))
         new_prev = s_node if tea else g.call_function(torch.where, (skip, prev_ph, s_node))

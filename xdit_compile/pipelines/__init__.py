@@ -161,7 +161,8 @@ def parallelize_pipeline(pipe, plan):
         from ..runtime.vae import enable_parallel_decode
         enable_parallel_decode(pipe.vae, dims.get_group("replica") if dims.world_size > 1 else None)
     data = dims.axis_size("data") > 1
-    if cfg is not None or data:
+    cache = compiler.cache if plan.cache.method != "none" else None
+    if cfg is not None or data or cache is not None:
         cls = type(pipe)
         call = DataParallelCall(cls.__call__, dims) if data else cls.__call__
         cfg_on = TWO_CALL.get(cls.__name__)
@@ -169,7 +170,15 @@ def parallelize_pipeline(pipe, plan):
         def __call__(self, *a, **k):
             if cfg is not None:
                 cfg.reset(active=cfg_on(k))
-            out = call(self, *a, **k)
+            if cache is not None:          # one cache state per generation: nothing leaks between calls
+                state = cache.new_state(num_steps=k.get("num_inference_steps"))
+                if cfg is None and cfg_on is not None and cfg_on(k):
+                    state.branches = 2     # cond and uncond calls alternate on every rank: separate residuals
+                with state:
+                    out = call(self, *a, **k)
+                self._xdit_cache_state = state
+            else:
+                out = call(self, *a, **k)
             if cfg is not None:
                 cfg.check_paired()
             return out

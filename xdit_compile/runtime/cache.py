@@ -64,15 +64,19 @@ class CacheState:
     """One generation's cache: residuals, accumulator, step counter. Reusable only after ``reset()``."""
 
     def __init__(self, controller: "CacheController | None" = None, *, num_steps: int | None = None,
-                 force: Callable[[int], str | None] | None = None):
+                 force: Callable[[int], str | None] | None = None, threshold: float | None = None):
         self.controller = controller
         self.num_steps = num_steps
+        self.threshold = threshold          # None: the plan's cache.threshold
         self.force = force
-        self.slots: dict[int, _Slot] = {}
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.branches = 1           # transformer calls per step that must not share residuals (cond, uncond)
+        self.calls = 0
         self._prev: list = []
 
     def reset(self) -> None:
         self.slots.clear()
+        self.calls = 0
 
     def __enter__(self) -> "CacheState":
         if self.controller is None:
@@ -85,7 +89,8 @@ class CacheState:
         self.controller.current = self._prev.pop()
 
     def summary(self) -> dict:
-        """Steps computed vs skipped (per cached graph; usually one), plus the statistic per step."""
+        """Transformer calls computed vs skipped (summed over cached graphs and CFG branches; usually one of
+        each, so calls = steps), plus the statistic per call."""
         out = {"steps": 0, "computed": 0, "skipped": 0, "skipped_steps": [], "stat": []}
         for slot in self.slots.values():
             skipped = [bool(s) for s in slot.skipped]
@@ -99,7 +104,8 @@ class CacheState:
     def format_summary(self) -> str:
         s = self.summary()
         method = self.controller.config.method if self.controller else "cache"
-        thr = self.controller.config.threshold if self.controller else float("nan")
+        thr = self.threshold if self.threshold is not None else (
+            self.controller.config.threshold if self.controller else float("nan"))
         return (f"cache: {method} threshold {thr:g}: {s['computed']} of {s['steps']} steps computed, "
                 f"{s['skipped']} skipped" + (f" (steps {s['skipped_steps']})" if s["skipped_steps"] else ""))
 
@@ -114,6 +120,7 @@ class CacheController:
         self.current: CacheState = self.default
         self.last: CacheState | None = None
         self._modes: dict[torch.device, list[torch.Tensor]] = {}
+        self._thresholds: dict[tuple, torch.Tensor] = {}
 
     def new_state(self, **kw) -> CacheState:
         return CacheState(self, **kw)
@@ -124,6 +131,13 @@ class CacheController:
         if device not in self._modes:
             self._modes[device] = [torch.tensor(m, dtype=torch.int32, device=device) for m in (0, 1, 2)]
         return self._modes[device][mode]
+
+    def threshold_tensor(self, value: float | None, device) -> torch.Tensor:
+        value = float(self.config.threshold if value is None else value)
+        key = (torch.device(device), value)
+        if key not in self._thresholds:
+            self._thresholds[key] = torch.tensor(value, dtype=torch.float32, device=key[0])
+        return self._thresholds[key]
 
     def wrap(self, fn, info: CacheGraphInfo) -> "CachedGraph":
         self.graphs.append(info)
@@ -152,12 +166,13 @@ class CachedGraph:
     def __call__(self, *args):
         state = self.controller.current
         self.controller.last = state
-        slot = state.slots.setdefault(self.index, _Slot())
+        slot = state.slots.setdefault((self.index, state.calls % state.branches), _Slot())
+        state.calls += 1
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         if slot.tensors is None:
             slot.tensors = [torch.full(s.shape, s.init, dtype=s.dtype, device=device) for s in self.info.state]
         mode = self.controller.mode_tensor(self._mode(state, slot.step), device)
-        full = [*args, *slot.tensors, mode]
+        full = [*args, *slot.tensors, mode, self.controller.threshold_tensor(state.threshold, device)]
         outs = self.fn(*full)      # dynamo's convention (aot's wrapper copies a misleading _boxed_call)
         n, k = self.info.num_outputs, len(self.info.state)
         slot.tensors = list(outs[n:n + k])
