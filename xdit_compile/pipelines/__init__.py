@@ -170,11 +170,17 @@ def parallelize_pipeline(pipe, plan):
         def __call__(self, *a, **k):
             if cfg is not None:
                 cfg.reset(active=cfg_on(k))
-            if cache is not None:          # one cache state per generation: nothing leaks between calls
-                state = cache.new_state(num_steps=k.get("num_inference_steps"))
+            if cache is not None:
+                # One cache state per generation, so nothing leaks between calls; a state the caller entered
+                # (xdit_compile.cache_state(...) as a context) is used as it is.
+                own = cache.current is cache.default
+                state = cache.new_state(num_steps=k.get("num_inference_steps")) if own else cache.current
                 if cfg is None and cfg_on is not None and cfg_on(k):
                     state.branches = 2     # cond and uncond calls alternate on every rank: separate residuals
-                with state:
+                if own:
+                    with state:
+                        out = call(self, *a, **k)
+                else:
                     out = call(self, *a, **k)
                 self._xdit_cache_state = state
             else:
