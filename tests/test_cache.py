@@ -228,3 +228,31 @@ def test_plan_cache_section_errors():
             Plan.from_dict({"cache": bad})
     p = Plan.from_dict({"cache": {"method": "teacache", "coefficients": [1, 2.5]}})
     assert p.cache.coefficients == (1.0, 2.5) and Plan.from_dict(p.to_dict()) == p
+
+
+def test_pass_only_in_the_pipeline_when_on():
+    from types import SimpleNamespace
+
+    from xdit_compile.passes.manager import build_pipeline
+    from xdit_compile.plan import Plan
+    for method, expect in (("none", []), ("fbcache", ["insert_cache_skip"]), ("teacache", ["insert_cache_skip"])):
+        ctx = SimpleNamespace(sp_size=1, cfg_split=False, disabled_passes=frozenset(),
+                              cache_config=Plan.from_dict({"cache": {"method": method}}).cache)
+        assert [n for n, _ in build_pipeline(ctx)] == expect
+    ctx.disabled_passes = frozenset({"insert_cache_skip"})
+    assert build_pipeline(ctx) == []
+
+
+def test_calibrate_writes_coefficients(tmp_path):
+    from xdit_compile.pipelines.calibrate import write_coefficients
+    from xdit_compile.plan import load_plan
+    plan = tmp_path / "p.toml"
+    plan.write_text('model = "builtin:digits"\n\n[cache]\nthreshold = 0.2\ncoefficients = [9.0]\n\n[run]\nnum_images = 2\n')
+    write_coefficients(plan, [2.0, -1.5, 0.25])
+    p = load_plan(plan)
+    assert p.cache.coefficients == (2.0, -1.5, 0.25) and p.cache.method == "teacache" and p.cache.threshold == 0.2
+    assert p.run.num_images == 2
+    other = tmp_path / "q.toml"
+    other.write_text('model = "builtin:digits"\n')
+    write_coefficients(other, [1.0, 0.0])
+    assert load_plan(other).cache.coefficients == (1.0, 0.0)
