@@ -226,6 +226,8 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
     tea = cfg.method == "teacache"
     if not tea and len(stack) < 2:
         raise _Refuse("fbcache needs at least 2 blocks")
+    if not isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], (tuple, list)):
+        raise _Refuse("the graph output is not a tuple")  # pragma: no cover - dynamo always returns one
     vals = local_values(gm, ctx.example_inputs)
     f = _Finder(gm, vals)
     order = f.order
@@ -336,7 +338,7 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
         g.erase_node(n)
     out_node = next(n for n in g.nodes if n.op == "output")
     orig = out_node.args[0]
-    orig_t = tuple(orig) if isinstance(orig, (tuple, list)) else (orig,)
+    orig_t = tuple(orig)
     extra = [*got[len(touts):], new_prev] + ([new_acc] if tea else []) + [skip, rel]
     out_node.args = ((*orig_t, *extra),)
     g.lint()
@@ -351,8 +353,6 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
         "all_reduce_over": replica if replica > 1 else 0,
         "coefficients": coeff_src,
     }
-    if not isinstance(orig, (tuple, list)):
-        raise _Refuse("the graph output is not a tuple")  # pragma: no cover - dynamo always returns one
     return CacheGraphInfo(cfg.method, len(orig_t), specs, report)
 
 
