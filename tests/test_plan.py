@@ -45,7 +45,7 @@ def test_defaults():
     assert plan.attention.backend == "auto" and plan.compile.lowering == "eager"
     assert plan.model is None and plan.unsupported_reason() is None
     assert Plan.from_dict({}) == plan
-    assert set(SECTIONS) == {"parallel", "attention", "compile", "pipefusion", "vae", "run", "serve"}
+    assert set(SECTIONS) == {"parallel", "attention", "compile", "pipefusion", "vae", "cache", "run", "serve"}
 
 
 def test_frozen_and_keyword_only():

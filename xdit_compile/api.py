@@ -40,6 +40,7 @@ def parallelize(model, plan, *, disable_passes=()):
         raise ValueError("this model was already parallelized with a different plan; "
                          "build a fresh model to apply another plan")
     compiler = XditCompiler(plan, disabled_passes=disable_passes)
+    compiler.model_class = type(target).__name__
     # diffusers wraps many models' forward in one decorator (one code object): each parallelized model is
     # a recompile of it, so the default limit of 8 is too low for a process that serves several models.
     for name in ("recompile_limit", "cache_size_limit"):
@@ -118,6 +119,30 @@ def unparallelize(model):
     return model
 
 
+def _controller(model):
+    target = model if isinstance(model, torch.nn.Module) else getattr(model, "transformer", None)
+    compiler = getattr(target, "_xdit_compiler", None)
+    if compiler is None:
+        raise ValueError("cache_state() needs a model (or pipeline) that went through parallelize()")
+    if compiler.plan.cache.method == "none":
+        raise ValueError("the model's plan has cache.method = 'none'; set [cache] method = 'fbcache' or 'teacache'")
+    return compiler.cache
+
+
+def cache_state(model, *, num_steps: int | None = None, force=None, threshold: float | None = None):
+    """A fresh per-request cache state for a parallelized model; use it as a context manager around the
+    denoising loop of one generation (pipelines do this themselves). ``num_steps`` lets TeaCache compute
+    the last step; ``force(step) -> "compute" | "skip" | None`` forces a pattern (benchmarks, tests);
+    ``threshold`` overrides the plan's for this request (it is a graph input: no recompile)."""
+    return _controller(model).new_state(num_steps=num_steps, force=force, threshold=threshold)
+
+
+def cache_summary(model) -> dict:
+    """Steps computed vs skipped of the model's last request (see runtime.cache.CacheState.summary)."""
+    ctl = _controller(model)
+    return (ctl.last or ctl.current).summary()
+
+
 def _warn_graph_breaks(compiler: XditCompiler) -> None:
     if len(compiler.reports) <= 1:
         return
@@ -174,6 +199,16 @@ def format_reports(reports) -> str:
         if rep["unknown_ops"]:
             lines.append(f"  ops without a sharding rule (run at full size): {', '.join(rep['unknown_ops'])}")
         lines.append(f"  bytes sent per forward per rank: {total:,}")
+        c = rep.get("cache")
+        if c and "refused" in c:
+            lines.append(f"  cache {c['method']}: not applied ({c['refused']})")
+        elif c:
+            lines.append(f"  cache {c['method']} (threshold {c['threshold']:g}): blocks {c['blocks']}, skippable "
+                         f"{c['region']}; statistic {c['statistic']}"
+                         + (f", all-reduced over {c['all_reduce_over']} ranks" if c["all_reduce_over"] else "")
+                         + (f", coefficients {c['coefficients']}" if c.get("coefficients") else ""))
+            lines.append("    residuals (exit value - entry value): "
+                         + ", ".join(f"{o} - {m}" if m else f"{o} (cached whole)" for o, m in c["residuals"]))
     return "\n".join(lines)
 
 

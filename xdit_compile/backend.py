@@ -31,6 +31,11 @@ class CompileContext:
     cfg_external: bool = False
     seq_class: object = None
     shard: object = None
+    cache_config: object = None        # plan.cache
+    model_class: str | None = None     # the compiled model's class name (published TeaCache coefficients)
+    example_inputs: list = field(default_factory=list)
+    cache_info: object = None          # runtime.cache.CacheGraphInfo when insert_cache_skip rewrote the graph
+    cache_report: dict | None = None
 
     @property
     def pipefusion(self) -> bool:
@@ -87,17 +92,35 @@ class XditCompiler:
         self.reports: list[dict] = []
         self.pipefusion_runners: list = []
         self.free_ids: set[int] = set()   # parameter tensors of other pipefusion stages (api.py drops them)
+        from .runtime.cache import CacheController
+        self.cache = CacheController(plan.cache)
+        self.model_class: str | None = None     # set by parallelize()
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
-                             disabled_passes=self.disabled, cfg_external=self.cfg_external)
+                             disabled_passes=self.disabled, cfg_external=self.cfg_external,
+                             cache_config=self.plan.cache, example_inputs=list(example_inputs),
+                             model_class=self.model_class)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
+            if self.plan.cache.method != "none":
+                raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "
+                                 f"{ctx.dims.axis_size('pipefusion')} is not supported in this version; "
+                                 "use cache.method = \"none\" or pipefusion = 1")
             return self._pipefusion(gm, example_inputs, ctx)
+        if self.plan.cache.method != "none":
+            gm = _own_copy(gm)
         gm = run_passes(gm, ctx)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
-        return lower(gm, example_inputs, self.plan.compile.lowering, self.plan.compile.cudagraphs)
-
+        cudagraphs = self.plan.compile.cudagraphs
+        if ctx.cache_info is None:
+            return lower(gm, example_inputs, self.plan.compile.lowering, cudagraphs)
+        import torch
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        state = [torch.full(s.shape, s.init, dtype=s.dtype, device=device) for s in ctx.cache_info.state]
+        extra = [self.cache.mode_tensor(0, device), self.cache.threshold_tensor(None, device)]
+        fn = lower(gm, [*example_inputs, *state, *extra], self.plan.compile.lowering, cudagraphs)
+        return self.cache.wrap(fn, ctx.cache_info)
 
     def _pipefusion(self, gm, example_inputs, ctx):
         import time
@@ -120,6 +143,15 @@ class XditCompiler:
         rep["pipefusion_runner"] = runner
         self.reports.append(rep)
         return runner
+
+
+def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of dynamo's graph: the cache pass adds placeholders (state inputs), and dynamo reads its own
+    graph's placeholders after the backend returns."""
+    g = fx.Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return fx.GraphModule(gm, g)
 
 
 def _warn_if_idle(gm, ctx):
@@ -152,6 +184,7 @@ def _report(gm, ctx, index) -> dict:
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),
+        "cache": ctx.cache_report,
         "graph": gm,
         "ends_at": _ends_at(gm),
     }

@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
                                                        "needs an API key)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    c = sub.add_parser(
+        "calibrate", help="fit TeaCache's rescaling polynomial on the plan's model and write it into the plan",
+        description="Run the plan's [run] generation with every step computed, fit the polynomial that maps "
+                    "block 0's modulated-input change to the output change, and write [cache] coefficients "
+                    "(and method = \"teacache\" if unset) into the plan file (or --write-to).")
+    c.add_argument("plan", help="plan file (.toml)")
+    c.add_argument("--nproc", type=int, help="start this many local processes (torch.distributed.run)")
+    c.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4, as TeaCache)")
+    c.add_argument("--write-to", help="write the updated plan here instead of over PLAN")
     return p
 
 
@@ -123,6 +132,35 @@ def _run_command(args, argv) -> int:
     return 0
 
 
+def _calibrate_command(args, argv) -> int:
+    from .plan import load_plan
+    with _usage():
+        plan = load_plan(args.plan)
+        if not plan.model:
+            raise UsageError(f"{args.plan} has no 'model'; set model = \"builtin:digits\" or a diffusers folder")
+        if not str(args.plan).lower().endswith(".toml"):
+            raise UsageError("calibrate writes TOML plans; use a .toml plan file")
+        if args.degree < 1:
+            raise UsageError(f"--degree must be >= 1, got {args.degree}")
+    need = plan.parallel.world_size
+    if not _under_torchrun():
+        if args.nproc is None and need > 1:
+            raise UsageError(f"the plan needs {need} processes: pass --nproc {need}")
+        if args.nproc is not None and args.nproc != need:
+            with _usage():
+                plan.check_world_size(args.nproc)
+        if args.nproc is not None and args.nproc > 1:
+            return _relaunch(args.nproc, argv)
+    from .pipelines.calibrate import calibrate, write_coefficients
+    with _usage():
+        fit = calibrate(plan, degree=args.degree)
+    if _rank() == 0:
+        out = write_coefficients(args.plan, fit["coefficients"], args.write_to)
+        print(f"TeaCache coefficients from {len(fit['points'])} steps (R^2 {fit['r2']:.3f}): "
+              f"{[round(c, 6) for c in fit['coefficients']]}; written to {out} [cache]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -131,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_command(args, argv)
         if args.command == "serve":
             return _serve_command(args)
+        if args.command == "calibrate":
+            return _calibrate_command(args, argv)
         return _explain(args, argv)
     except UsageError as e:
         if _rank() == 0:  # every rank finds the same mistake; one line is enough

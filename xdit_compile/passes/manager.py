@@ -10,6 +10,7 @@ import time
 import torch.fx as fx
 
 from .find_attention import find_attention_pass
+from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
 from .shard_sequence import Axis, ShardContext, shard_sequence_pass
 from .split_cfg import split_cfg_pass
@@ -35,6 +36,9 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("shard_sequence", _shard))
     if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
         passes.append(("rewrite_attention", rewrite_attention_pass))
+    if ctx.cache_config is not None and ctx.cache_config.method != "none":
+        # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes
+        passes.append(("insert_cache_skip", insert_cache_skip_pass))
     return [(name, fn) for name, fn in passes if name not in ctx.disabled_passes]
 
 

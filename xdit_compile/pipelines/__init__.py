@@ -163,7 +163,8 @@ def parallelize_pipeline(pipe, plan):
         enable_parallel_decode(pipe.vae, dims.get_group("replica") if dims.world_size > 1 else None)
     data = dims.axis_size("data") > 1
     pipefusion = dims.axis_size("pipefusion") > 1
-    if cfg is not None or data or pipefusion:
+    cache = compiler.cache if plan.cache.method != "none" else None
+    if cfg is not None or data or pipefusion or cache is not None:
         cls = type(pipe)
         call = DataParallelCall(cls.__call__, dims) if data else cls.__call__
         cfg_on = TWO_CALL.get(cls.__name__)
@@ -174,7 +175,21 @@ def parallelize_pipeline(pipe, plan):
                     r.reset()
             if cfg is not None:
                 cfg.reset(active=cfg_on(k))
-            out = call(self, *a, **k)
+            if cache is not None:
+                # One cache state per generation, so nothing leaks between calls; a state the caller entered
+                # (xdit_compile.cache_state(...) as a context) is used as it is.
+                own = cache.current is cache.default
+                state = cache.new_state(num_steps=k.get("num_inference_steps")) if own else cache.current
+                if cfg is None and cfg_on is not None and cfg_on(k):
+                    state.branches = 2     # cond and uncond calls alternate on every rank: separate residuals
+                if own:
+                    with state:
+                        out = call(self, *a, **k)
+                else:
+                    out = call(self, *a, **k)
+                self._xdit_cache_state = state
+            else:
+                out = call(self, *a, **k)
             if cfg is not None:
                 cfg.check_paired()
             return out

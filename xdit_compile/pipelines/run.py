@@ -131,6 +131,10 @@ def run(plan, *, progress: bool = True) -> dict:
     if bar:
         bar.close()
     steps = tf.times
+    state = getattr(pipe, "_xdit_cache_state", None)
+    cache = state.summary() if state is not None else None
+    if state is not None and dims.rank == 0:
+        print(state.format_summary())
     timing = {
         "transformer_ms_per_step_median": 1000 * sorted(steps)[len(steps) // 2] if steps else 0.0,
         "transformer_ms_first_call": 1000 * steps[0] if steps else 0.0,
@@ -139,6 +143,8 @@ def run(plan, *, progress: bool = True) -> dict:
         "total_s": total,
         "setup_s": t0 - t_start,
     }
+    if cache is not None:
+        timing["cache"] = {k: cache[k] for k in ("steps", "computed", "skipped", "skipped_steps")}
     if dims.rank == 0:
         _write(images, prompts, Path(r.output), timing, plan, dims)
     return {"images": images, "timing": timing}
@@ -183,6 +189,10 @@ def _write(images, prompts, out: Path, timing, plan, dims):
              f"| transformer first call ms (compile) | {timing['transformer_ms_first_call']:.1f} |",
              f"| VAE decode ms | {timing['vae_ms']:.1f} |",
              f"| total s | {timing['total_s']:.2f} |"]
+    if "cache" in timing:
+        c = timing["cache"]
+        lines.append(f"| cache ({plan.cache.method}, threshold {plan.cache.threshold:g}) | {c['computed']} of "
+                     f"{c['steps']} transformer calls computed, {c['skipped']} skipped |")
     (out / "timing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {len(imgs)} images to {out}/")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AttentionConfig",
+    "CacheConfig",
     "CompileConfig",
     "ParallelConfig",
     "PipeFusionConfig",
@@ -210,6 +211,39 @@ class VaeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Cache acceleration: skip the transformer blocks on steps where their input barely changed."""
+
+    SECTION: ClassVar[str] = "cache"
+    METHODS: ClassVar[tuple[str, ...]] = ("none", "fbcache", "teacache")
+
+    method: str = "none"
+    """none, fbcache (First-Block-Cache: the first block's residual decides) or teacache (the first block's
+    timestep-modulated input decides, rescaled by a polynomial and accumulated over steps)."""
+    threshold: float = 0.12
+    """Skip when the relative L1 change (fbcache) or the accumulated rescaled change (teacache) is below it;
+    0 never skips (the output is then the uncached model's)."""
+    warmup_steps: int = 1
+    """Steps always computed at the start of a generation (at least the first step always is)."""
+    coefficients: Any = None
+    """teacache: the rescaling polynomial, highest degree first (numpy.polyval order). Unset: the published
+    one for the model class if there is one (Flux), else ``xdit-compile calibrate`` fits it."""
+
+    def __post_init__(self) -> None:
+        _check_choice(f"{self.SECTION}.method", self.method, self.METHODS)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            raise ValueError(f"{self.SECTION}.threshold must be a number >= 0, got {_got(self.threshold)}")
+        _check_int(f"{self.SECTION}.warmup_steps", self.warmup_steps, minimum=0)
+        c = self.coefficients
+        if c is not None:
+            if not isinstance(c, (list, tuple)) or not c or any(
+                    isinstance(x, bool) or not isinstance(x, (int, float)) for x in c):
+                raise ValueError(f"{self.SECTION}.coefficients must be a non-empty list of numbers (highest "
+                                 f"degree first), got {_got(c)}")
+            object.__setattr__(self, "coefficients", tuple(float(x) for x in c))
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Inputs of `xdit-compile run`."""
 
@@ -315,6 +349,8 @@ class Plan:
     """Patches and warm-up of PipeFusion (see ``PipeFusionConfig``)."""
     vae: VaeConfig = field(default_factory=VaeConfig)
     """VAE decode (see ``VaeConfig``)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Cache acceleration (see ``CacheConfig``)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Inputs of ``xdit-compile run`` (see ``RunConfig``)."""
     serve: ServeConfig = field(default_factory=ServeConfig)
