@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Cache acceleration on the built-in digits DiT", "",
+    lines = ["# Cache acceleration on the built-in digits DiT", "",
              f"`OMP_NUM_THREADS=1 python benchmarks/cache_digits.py` (CPU, 1 thread, float32, eager lowering, 1 process): {a.samples} samples "
              f"(10 per digit), {a.steps} Euler steps, guidance 4 (batch {2 * a.samples} per call), the same noise in "
              f"every row. rel err is against the same method at threshold 0 (which equals the uncached model "
