@@ -348,7 +348,8 @@ def _rewrite(gm, ctx, cfg) -> CacheGraphInfo:
         "region": f"{stack.blocks[0 if tea else 1].name} .. {stack.blocks[-1].name}",
         "statistic": (f"modulated input {stat.name}" if tea and stat is not in0 else
                       f"main input {in0.name}" if tea else
-                      f"block-0 residual {out0.name} - {in0.name}" if in0 is not None else f"block-0 output {out0.name}"),
+                      f"block-0 residual {out0.name} - {in0.name}" if in0 is not None else
+                      f"block-0 output {out0.name}"),
         "residuals": [(o.name, m.name if m is not None else None) for o, m in zip(touts, matches)],
         "all_reduce_over": replica if replica > 1 else 0,
         "coefficients": coeff_src,

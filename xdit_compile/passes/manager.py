@@ -36,7 +36,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("shard_sequence", _shard))
     if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
         passes.append(("rewrite_attention", rewrite_attention_pass))
-    if ctx.cache_config is not None and ctx.cache_config.method != "none":
+    cache = getattr(ctx, "cache_config", None)
+    if cache is not None and cache.method != "none":
         # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes
         passes.append(("insert_cache_skip", insert_cache_skip_pass))
     return [(name, fn) for name, fn in passes if name not in ctx.disabled_passes]
