@@ -103,6 +103,20 @@ def _worker_main(rank: int, world_size: int, port: int, conn: Connection) -> Non
 # --- parent side --------------------------------------------------------------------------------------
 
 
+_CTX: list = []
+
+
+def _context():
+    """A fork server that has imported torch and diffusers once (tests/_worker_preload.py): a worker forked
+    from it starts in well under a second instead of paying the imports. It starts at the first pool, with
+    _WORKER_ENV in its environment (set before torch loads there), and lives until the test session ends."""
+    if not _CTX:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["_worker_preload"])
+        _CTX.append(ctx)
+    return _CTX[0]
+
+
 class _Pool:
     def __init__(self, world_size: int) -> None:
         import datetime
@@ -114,7 +128,7 @@ class _Pool:
             "127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
             timeout=datetime.timedelta(seconds=60),
         )
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.conns: list[Connection] = []
         self.procs: list[mp.process.BaseProcess] = []
         saved = {k: os.environ.get(k) for k in _WORKER_ENV}

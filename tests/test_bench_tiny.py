@@ -10,9 +10,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # XDIT_SLOW_TESTS=1
 def test_driver_tiny(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--driver", "--tiny", "--gpus", "2",

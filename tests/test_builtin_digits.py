@@ -26,11 +26,11 @@ def test_null_label_row():
 def test_samples_are_recognisable():
     torch.set_num_threads(2)
     m = D.load_transformer()
-    labels = torch.arange(10).repeat_interleave(20)          # 200 samples, 20 per class
+    labels = torch.arange(10).repeat_interleave(10)          # 100 samples, 10 per class
     t0, c0 = time.time(), time.process_time()
     imgs = D.sample(m, labels, steps=20, guidance=4.0, seed=0)
     dt, dc = time.time() - t0, time.process_time() - c0
-    assert imgs.shape == (200, 1, 16, 16) and imgs.min() >= 0 and imgs.max() <= 1
+    assert imgs.shape == (100, 1, 16, 16) and imgs.min() >= 0 and imgs.max() <= 1
     acc = D.accuracy(imgs, labels)
-    print(f"sampling 200 images: {dt:.1f}s wall, {dc:.1f}s CPU, accuracy {acc:.3f}")
+    print(f"sampling 100 images: {dt:.1f}s wall, {dc:.1f}s CPU, accuracy {acc:.3f}")
     assert acc >= 0.9

@@ -16,6 +16,7 @@ from dist_utils import run_distributed
 from models import MODELS
 
 WORLD = 8
+pytestmark = pytest.mark.slow  # XDIT_SLOW_TESTS=1; about 3 minutes on 2 cores
 
 
 def _wan_heads(heads: int) -> dict:
