@@ -253,6 +253,25 @@ def test_digits_stale_kv_accuracy():
     assert 0 < r["rel_stale"] < 0.1
 
 
+def _two_call_cfg(rank, world):
+    import xdit_compile
+    from pipelines import build, call_kwargs, generators
+
+    pipe = build("flux")        # true CFG: cond and uncond are two transformer calls per step
+    xdit_compile.parallelize(pipe, {"parallel": {"pipefusion": 2}})
+    try:
+        pipe(**call_kwargs("flux", cfg=True), generator=generators(1))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_two_call_cfg_without_cfg_axis_is_refused():
+    """pipefusion without parallel.cfg on a two-call CFG pipeline: a clear error on every rank, not wrong K/V."""
+    msgs = run_distributed(_two_call_cfg, 2, timeout=300)
+    assert all(m and "parallel.cfg = 2" in m and "FluxPipeline" in m for m in msgs), msgs
+
+
 # --- no hang: a stage dies mid-run ----------------------------------------------------------------------
 
 

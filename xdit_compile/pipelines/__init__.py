@@ -170,6 +170,12 @@ def parallelize_pipeline(pipe, plan):
         cfg_on = TWO_CALL.get(cls.__name__)
 
         def __call__(self, *a, **k):
+            if pipefusion and cfg is None and cfg_on is not None and cfg_on(k):
+                raise ValueError(
+                    f"{cls.__name__} with classifier-free guidance on calls the transformer twice per step (cond "
+                    "and uncond), which would share one set of PipeFusion K/V buffers: set parallel.cfg = 2 "
+                    "(each half of the ranks runs one of the two calls, with its own buffers), or call it with "
+                    "guidance off")
             if pipefusion:      # a new denoising loop: warm-up steps again
                 for r in compiler.pipefusion_runners:
                     r.reset()
