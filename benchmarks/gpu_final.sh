@@ -1,29 +1,44 @@
 #!/bin/bash
-# One device call on 4 GPUs after gpu_issue4.sh: PipeFusion (issue 5) and cache (issue 6) end-to-end rows, then
-# the profile of the headline xdit configuration (issue 4). Each part has its own time limit so the call ends
-# inside the device's 10 minutes with whatever finished.
-#   bash benchmarks/gpu_final.sh        (OUT = where results go; set by the device tool)
+# PipeFusion (issue 5) and cache (issue 6) end-to-end rows and the profile of the headline configuration
+# (issue 4) on 4 GPUs, in parts that each fit a device call of < 10 minutes:
+#   bash benchmarks/gpu_final.sh pipefusion cache1     # ~9 min on 4 x H100
+#   bash benchmarks/gpu_final.sh cache4 profile        # ~7 min
+# Parts: pipefusion (1024 then 2048: 1 GPU, pipefusion=4, pipefusion=2 x ulysses=2, ulysses=4; 28-step loops),
+# cache1 / cache4 (none, fbcache, teacache at a forced skip rate, 1 and 4 GPUs), profile (FLUX 1024 ulysses 4,
+# Inductor + CUDA graphs). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
+# the call ends with whatever finished. Results and logs go to $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/final_out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
+LIMIT=${LIMIT:-570}
 T="torchrun --nproc_per_node"
-timeout ${PF1_S:-130} $T 4 benchmarks/pipefusion_gpu.py --resolutions 1024 --out $OUT/pipefusion_1024.json \
-  > $OUT/pipefusion_1024.log 2>&1
-echo "pipefusion 1024 rc=$? at ${SECONDS}s" >> $OUT/rc.txt
-timeout ${PF2_S:-170} $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --out $OUT/pipefusion_2048.json \
-  > $OUT/pipefusion_2048.log 2>&1
-echo "pipefusion 2048 rc=$? at ${SECONDS}s" >> $OUT/rc.txt
-timeout ${CACHE1_S:-60} $T 1 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_1.json \
-  > $OUT/cache_1.log 2>&1
-echo "cache1 rc=$? at ${SECONDS}s" >> $OUT/rc.txt
-timeout ${CACHE4_S:-60} $T 4 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_4.json \
-  > $OUT/cache_4.log 2>&1
-echo "cache4 rc=$? at ${SECONDS}s" >> $OUT/rc.txt
-left=$((575 - SECONDS))
-[ $left -gt 60 ] && timeout $left $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
-  --out $OUT/profile_flux1024.md > $OUT/profile.log 2>&1
-echo "profile rc=$? (had ${left}s)" >> $OUT/rc.txt
-cat $OUT/rc.txt; tail -n 12 $OUT/pipefusion_*.log; tail -n 12 $OUT/cache_1.log $OUT/cache_4.log; cat $OUT/profile_flux1024.md 2>/dev/null
+run() {  # run NAME LIMIT_S CMD...: under min(LIMIT_S, time left), log to $OUT/NAME.log, rc to $OUT/rc.txt
+  local name=$1 lim=$2; shift 2
+  local left=$((LIMIT - SECONDS)); [ $lim -gt $left ] && lim=$left
+  if [ $lim -lt 30 ]; then echo "$name skipped: ${left}s left" >> $OUT/rc.txt; return; fi
+  timeout $lim "$@" > $OUT/$name.log 2>&1
+  echo "$name rc=$? (limit ${lim}s) done at ${SECONDS}s" >> $OUT/rc.txt
+}
+PLANS=("pipefusion=4" "pipefusion=2 x ulysses=2" "ulysses=4")
+for part in "$@"; do
+  case $part in
+    pipefusion)
+      run pipefusion_1024 240 $T 4 benchmarks/pipefusion_gpu.py --resolutions 1024 --no-check --plans "${PLANS[@]}" \
+        --out $OUT/pipefusion_1024.json
+      run pipefusion_2048 330 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check --base-repeats 0 \
+        --plans "${PLANS[@]}" --out $OUT/pipefusion_2048.json ;;
+    cache1) run cache_1 240 $T 1 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_1.json ;;
+    cache4) run cache_4 300 $T 4 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_4.json ;;
+    profile) run profile 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
+        --cudagraphs --out $OUT/profile_flux1024.md ;;
+    *) echo "unknown part $part (pipefusion, cache1, cache4, profile)"; exit 2 ;;
+  esac
+done
+cat $OUT/rc.txt
+grep -h "^\[row\]\|^|" $OUT/pipefusion_*.log 2>/dev/null | tail -n 20
+grep -h "^{'method'\|^|" $OUT/cache_*.log 2>/dev/null
+cat $OUT/profile_flux1024.md 2>/dev/null
+exit 0

@@ -25,7 +25,8 @@ Rows per resolution:
   <plan> exact the same plan with warmup_steps = steps (every step on the whole sequence): rel err vs 1gpu
                must be at the bf16 noise level; its time is its only loop (compile included); --no-check
                skips it
-Plans: pipefusion=4 (4 patches) and pipefusion=2 x ulysses=2 (2 patches); --patches overrides the count.
+Plans: pipefusion=4 (4 patches), pipefusion=2 x ulysses=2 (2 patches), and ulysses=4 (the sequence-parallel
+row in the same run, for comparison); --patches overrides the count, --plans picks rows.
 Rel err = ||x_final - x_final_1gpu|| / ||x_final_1gpu|| of the final latent.
 Writes a markdown table to stdout and JSON (all rows) to --out.
 """
@@ -50,7 +51,8 @@ FLUX_TINY = dict(patch_size=1, in_channels=8, out_channels=None, num_layers=2, n
                  pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 SIZES = {1024: dict(h=64, w=64, txt=512), 2048: dict(h=128, w=128, txt=512)}
 TINY_SIZES = {1024: dict(h=8, w=8, txt=16), 2048: dict(h=16, w=16, txt=16)}
-PLANS = {"pipefusion=4": {"pipefusion": 4}, "pipefusion=2 x ulysses=2": {"pipefusion": 2, "ulysses": 2}}
+PLANS = {"pipefusion=4": {"pipefusion": 4}, "pipefusion=2 x ulysses=2": {"pipefusion": 2, "ulysses": 2},
+         "ulysses=4": {"ulysses": 4}}
 
 
 def build(cfg, device, dtype):
@@ -151,18 +153,22 @@ class Bench:
             if self.rank == 0:          # the 1-GPU reference and baseline
                 m = build(self.cfg, self.device, self.dtype)
                 with torch.no_grad():
-                    first, times, ref = self.timed_loop(m, kw, a.steps)
+                    first, times, ref = self.timed_loop(m, kw, a.steps, repeats=a.base_repeats)
                 del m
                 self.add(res, "1gpu", 1, times, first, None, None)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             dist.barrier()
-            for name, par in PLANS.items():
-                patches = a.patches or par["pipefusion"]
-                for warm in ([1, a.steps] if a.check else [1]):
+            for name in a.plans:
+                par = PLANS[name]
+                pf = "pipefusion" in par
+                patches = (a.patches or par["pipefusion"]) if pf else None
+                for warm in ([1, a.steps] if a.check and pf else [1]):
                     torch._dynamo.reset()
                     m = build(self.cfg, self.device, self.dtype)
-                    plan = {"parallel": par, "pipefusion": {"num_patches": patches, "warmup_steps": warm}}
+                    plan = {"parallel": par}
+                    if pf:
+                        plan["pipefusion"] = {"num_patches": patches, "warmup_steps": warm}
                     xdit_compile.parallelize(m, plan)
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
@@ -179,11 +185,11 @@ class Bench:
                     err = None
                     if self.rank == 0:
                         err = ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-                    if self.rank == 0 and res == a.resolutions[0] and warm == 1:
+                    if self.rank == 0 and res == a.resolutions[0] and warm == 1 and pf:
                         print(xdit_compile.explain(m), flush=True)
                     label = name if warm == 1 else f"{name} exact (warmup={warm}; time incl. compile)"
                     self.add(res, label, self.world, times, first, err,
-                             dict(patches=patches, warmup_steps=warm, param_gib_rank0=params / 2**30,
+                             dict(patches=patches, warmup_steps=warm if pf else None, param_gib_rank0=params / 2**30,
                                   peak_gib_rank0=peak, allocated_gib_rank0=alloc))
                     del m, x
                     gc.collect()         # the parallelized forward closes over the model: a reference cycle
@@ -227,6 +233,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--repeats", type=int, default=1, help="timed loops after the compile loop (median)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048], choices=[1024, 2048])
+    p.add_argument("--base-repeats", type=int, default=None,
+                   help="timed loops of the 1-GPU row (default --repeats; 0 = its first loop is its time)")
+    p.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS),
+                   help="parallel rows, in order (default: all)")
     p.add_argument("--patches", type=int, default=0, help="patches (default: the pipefusion degree)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the warmup=all-steps runs (exactness vs the 1-GPU loop)")

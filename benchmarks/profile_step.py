@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KINDS = [("communication (NCCL)", ("nccl",)),
          ("attention", ("flash", "cudnn", "fmha", "attention", "sdpa")),
+         ("layout copies (aten copy / cat)", ("copy_kernel", "catarraybatchedcopy", "direct_copy")),
          ("matmul", ("gemm", "cutlass", "nvjet", "sm90_x", "sm80_x", "matmul", "cublas")),
          ("fused elementwise (triton)", ("triton_",))]
 
