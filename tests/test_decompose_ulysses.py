@@ -70,6 +70,23 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
+@pytest.mark.parametrize("lowering,switch,ulysses,expected", [
+    ("inductor", True, 2, True),
+    ("inductor", False, 2, False),     # compile.decompose_collectives = false: the op stays
+    ("eager", True, 2, False),         # the eager lowering runs the op (nothing would fuse the copies)
+    ("inductor", True, 1, False),      # ring only: no Ulysses op to decompose
+])
+def test_in_pipeline_only_when_asked(lowering, switch, ulysses, expected):
+    from xdit_compile.passes.manager import build_pipeline
+
+    ctx = types.SimpleNamespace(sp_size=2, cfg_split=False, pipefusion=False, ulysses=ulysses, lowering=lowering,
+                                decompose_collectives=switch, cache_config=None, disabled_passes=frozenset())
+    names = [name for name, _ in build_pipeline(ctx)]
+    assert ("decompose_ulysses" in names) == expected
+    if expected:
+        assert names[names.index("decompose_ulysses") - 1] == "rewrite_attention"
+
+
 # --- end to end: two gloo ranks, Inductor -------------------------------------------------------------
 
 
