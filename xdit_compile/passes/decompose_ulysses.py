@@ -57,7 +57,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         g = gm.graph
         with g.inserting_before(n):
             out = _emit(g, q, k, v, scale, group, len(sizes))
-        out.meta = dict(n.meta)
+        out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
         n.replace_all_uses_with(out)
         g.erase_node(n)
         if rec is not None:
