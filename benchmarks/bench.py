@@ -18,6 +18,9 @@ Methods:
   xdit       xdit_compile.parallelize, eager lowering            (every N; at N=1: all degrees 1, the wrapper cost)
   xdit_ind   xdit_compile.parallelize, inductor lowering         (every N)
   xdit_cg    the same + compile.cudagraphs (the step replayed as one CUDA graph, collectives included)
+  xdit_cg_op xdit_cg with compile.decompose_collectives = false: Ulysses stays the opaque xdit op (the path
+             before issue 4's functional collectives; A/B against xdit_cg)  (N>1)
+  xdit_cg_ov xdit_cg + compile.overlap = true (Inductor's reorder_for_compute_comm_overlap)  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
              backend in DIFFUSERS_BACKENDS is tried, the row is the fastest (all listed in its note)  (N>1)
   diffusers_ind  the same with the _native_cudnn backend under torch.compile (the peer's compiled mode)  (N>1)
@@ -64,12 +67,21 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
-METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind", "xfuser"]
-MAIN_METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind"]  # one sub-run
+METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov", "diffusers",
+           "diffusers_ind", "xfuser"]
+MAIN_METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov", "diffusers",
+                "diffusers_ind"]  # one sub-run
+XDIT_METHODS = ("xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov")
+# compile section of each xdit method's plan (decompose_collectives defaults to true)
+XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor"},
+                "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},
+                "xdit_cg": {"lowering": "inductor", "cudagraphs": True},
+                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True}}
 DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
-EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg": 90, "diffusers": 40,
+EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
+         "xdit_cg_ov": 100, "diffusers": 40,
          "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -143,7 +155,15 @@ def deg_str(d):
 def methods_for(n, methods):
     if n == 1:
         return [m for m in methods if m in ("eager", "inductor", "xdit", "xdit_ind")]
-    return [m for m in methods if m in ("xdit", "xdit_ind", "xdit_cg", "diffusers", "diffusers_ind", "xfuser")]
+    return [m for m in methods if m in (*XDIT_METHODS, "diffusers", "diffusers_ind", "xfuser")]
+
+
+def _decomposed_note(m):
+    """How many sequence-parallel attentions Inductor got as functional all-to-alls (compile.decompose_collectives)."""
+    att = [a for r in m._xdit_compiler.reports for a in r["attention"] if "seq_sizes" in a]
+    if not att:
+        return ""
+    return f"all-to-all as functional collectives: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention"
 
 
 def row_key(model, method, n, d):
@@ -450,11 +470,9 @@ class Worker:
                         row, out = self.measure(cm, inputs, model, ref=self.ref(model))
                         self.save_ref(model, out, which="inductor")
                         return row
-                elif meth in ("xdit", "xdit_ind", "xdit_cg"):
+                elif meth in XDIT_METHODS:
                     def fn(d=d, meth=meth):
-                        comp = {"lowering": "eager" if meth == "xdit" else "inductor"}
-                        if meth == "xdit_cg":
-                            comp["cudagraphs"] = True
+                        comp = dict(XDIT_COMPILE[meth])
                         plan = {"parallel": dict(d), "compile": comp}
                         xdit_compile.parallelize(m, plan)
                         try:
@@ -462,6 +480,8 @@ class Worker:
                                                     ref_like=self.ref(model, "inductor") if meth != "xdit"
                                                     else None)
                             row["plan"] = plan
+                            if comp["lowering"] == "inductor":
+                                row["note"] = " ".join(filter(None, [row.get("note"), _decomposed_note(m)]))
                             return row
                         finally:
                             xdit_compile.unparallelize(m)
@@ -671,6 +691,8 @@ def read_meta(dirs):
 
 METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_compile (eager)",
                 "xdit_ind": "xdit_compile (Inductor)", "xdit_cg": "xdit_compile (Inductor + CUDA graphs)",
+                "xdit_cg_op": "xdit_compile (Inductor + CUDA graphs, opaque all-to-all op)",
+                "xdit_cg_ov": "xdit_compile (Inductor + CUDA graphs + comm overlap)",
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",
                 "xfuser": "xDiT (xfuser)"}
 

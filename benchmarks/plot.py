@@ -12,6 +12,8 @@ import sys
 
 LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_compile eager",
          "xdit_ind": "xdit_compile Inductor", "xdit_cg": "xdit_compile Inductor+CUDA graphs",
+         "xdit_cg_op": "xdit_compile Inductor+CUDA graphs (opaque a2a op)",
+         "xdit_cg_ov": "xdit_compile Inductor+CUDA graphs+overlap",
          "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP compiled", "xfuser": "xDiT"}
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
 

@@ -122,6 +122,8 @@ def test_unknown_key(d, message):
         ({"compile": {"lowering": "tvm"}}, "compile.lowering must be one of 'eager', 'inductor', 'onediff'"),
         ({"compile": {"dynamic": 1}}, "compile.dynamic must be a bool (true or false), got 1"),
         ({"compile": {"cudagraphs": True}}, 'compile.cudagraphs = true needs compile.lowering = "inductor"'),
+        ({"compile": {"overlap": True}}, 'compile.overlap = true needs compile.lowering = "inductor"'),
+        ({"compile": {"decompose_collectives": "yes"}}, "compile.decompose_collectives must be a bool"),
         ({"model": 3}, "model must be a string"),
     ],
 )

@@ -166,6 +166,11 @@ def explain(model) -> str:
     return format_reports(compiler.reports)
 
 
+def _kept(a) -> str:
+    """Why an attention stayed on the xdit op although decompose_collectives was on."""
+    return f" (xdit op kept: {a['kept_op']})" if a.get("kept_op") else ""
+
+
 def _sizes(a) -> str:
     return f", local seq sizes {a['seq_sizes']}" if "seq_sizes" in a else ""
 
@@ -185,7 +190,8 @@ def format_reports(reports) -> str:
             lines.append(f"  attention {a['node']}: q{tuple(a['q'])} k{tuple(a['k'])}"
                          f"{' mask' + str(tuple(a['mask'])) if a['mask'] else ''} -> {a['became']}"
                          f"{_sizes(a)}"
-                         f"{f', {b:,} B sent' if b else ''}")
+                         f"{f', {b:,} B sent' if b else ''}"
+                         f"{_kept(a)}")
         for e in rep["events"]:
             total += e.get("bytes", 0)
             if e["kind"] == "shard":

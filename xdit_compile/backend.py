@@ -36,6 +36,8 @@ class CompileContext:
     example_inputs: list = field(default_factory=list)
     cache_info: object = None          # runtime.cache.CacheGraphInfo when insert_cache_skip rewrote the graph
     cache_report: dict | None = None
+    lowering: str = "eager"            # plan.compile.lowering
+    decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
 
     @property
     def pipefusion(self) -> bool:
@@ -100,7 +102,8 @@ class XditCompiler:
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
                              disabled_passes=self.disabled, cfg_external=self.cfg_external,
                              cache_config=self.plan.cache, example_inputs=list(example_inputs),
-                             model_class=self.model_class)
+                             model_class=self.model_class, lowering=self.plan.compile.lowering,
+                             decompose_collectives=self.plan.compile.decompose_collectives)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "
@@ -112,14 +115,15 @@ class XditCompiler:
         gm = run_passes(gm, ctx)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
-        cudagraphs = self.plan.compile.cudagraphs
+        comp = self.plan.compile
+        opts = {"cudagraphs": comp.cudagraphs, "overlap": comp.overlap}
         if ctx.cache_info is None:
-            return lower(gm, example_inputs, self.plan.compile.lowering, cudagraphs)
+            return lower(gm, example_inputs, comp.lowering, **opts)
         import torch
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         state = [torch.full(s.shape, s.init, dtype=s.dtype, device=device) for s in ctx.cache_info.state]
         extra = [self.cache.mode_tensor(0, device), self.cache.threshold_tensor(None, device)]
-        fn = lower(gm, [*example_inputs, *state, *extra], self.plan.compile.lowering, cudagraphs)
+        fn = lower(gm, [*example_inputs, *state, *extra], comp.lowering, **opts)
         return self.cache.wrap(fn, ctx.cache_info)
 
     def _pipefusion(self, gm, example_inputs, ctx):

@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 
-def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False):
+# Without a pass list, reorder_for_compute_comm_overlap does nothing; this is the list torch's
+# torch/_inductor/config.py recommends: move collectives earlier, waits later, within the peak memory.
+OVERLAP_PASSES = [
+    "reorder_communication_preserving_peak_memory",
+    "sink_waits_iterative",
+    "reorder_communication_preserving_peak_memory",
+]
+
+
+def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: bool = False):
     if lowering == "eager":
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
         # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
         patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        if overlap:
+            patches.update({"reorder_for_compute_comm_overlap": True,
+                            "reorder_for_compute_comm_overlap_passes": list(OVERLAP_PASSES)})
         return compile_fx(gm, example_inputs, config_patches=patches)
     if lowering == "onediff":
         try:

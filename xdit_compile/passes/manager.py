@@ -9,6 +9,7 @@ import time
 
 import torch.fx as fx
 
+from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
@@ -36,6 +37,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("shard_sequence", _shard))
     if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
         passes.append(("rewrite_attention", rewrite_attention_pass))
+        if ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1:
+            passes.append(("decompose_ulysses", decompose_ulysses_pass))
     cache = getattr(ctx, "cache_config", None)
     if cache is not None and cache.method != "none":
         # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes

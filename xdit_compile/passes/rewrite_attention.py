@@ -57,6 +57,7 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx) -> bool:
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
         rec["became"] = kind
+        rec["op_node"] = new.name    # decompose_ulysses reports against it
         rec["seq_sizes"] = sizes
         rec["bytes"] = _attn_bytes(q, k, mask, u, r)
         ctx.attention_report.append(rec)

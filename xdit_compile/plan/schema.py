@@ -164,12 +164,24 @@ class CompileConfig:
     cudagraphs: bool = False
     """With lowering = "inductor" on CUDA: replay the step as a CUDA graph (collectives included), which removes
     the per-kernel launch cost; the output of a call is overwritten by the next call (consume it first)."""
+    decompose_collectives: bool = True
+    """Inductor only: run the Ulysses all-to-all as functional collectives in the graph (attention without a
+    mask, heads divisible by the degree, even shards), so Inductor fuses the layout copies around it and may
+    overlap it; false keeps the opaque ``xdit::ulysses_attention`` op."""
+    overlap: bool = False
+    """Inductor only: let Inductor reorder compute around the collectives it sees
+    (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
 
     def __post_init__(self) -> None:
         _check_choice(f"{self.SECTION}.lowering", self.lowering, self.LOWERINGS)
         _check_bool(f"{self.SECTION}.fullgraph", self.fullgraph)
         _check_bool(f"{self.SECTION}.dynamic", self.dynamic)
         _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
+        _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
+        _check_bool(f"{self.SECTION}.overlap", self.overlap)
+        if self.overlap and self.lowering != "inductor":
+            raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
+                             f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop overlap")
         if self.cudagraphs and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.cudagraphs = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop cudagraphs")

@@ -1,0 +1,112 @@
+"""decompose_ulysses_pass: simple `xdit::ulysses_attention` calls -> functional collectives Inductor can see.
+
+Runs after rewrite_attention, only with compile.lowering = "inductor" and compile.decompose_collectives on.
+The custom op is opaque to Inductor: the layout copies around its all-to-alls run as separate eager kernels
+and its blocking all-to-all cannot overlap independent compute. Here a call is replaced by plain graph
+nodes: the layout ops (which Inductor fuses into one copy kernel each way), `_c10d_functional`
+all-to-all + wait (which Inductor schedules, and with compile.overlap may move), and SDPA on the local heads.
+
+Simple case only (everything else stays on the custom op, unchanged): no mask, q/k/v of the same shape
+(same head count H, no GQA, same head dim), H % N == 0 (no padded heads), every rank holding the same
+number of tokens, attention backend "auto" or "sdpa". The decision depends on shapes and degrees only,
+so every rank rewrites the same calls.
+
+Legend: B batch, H heads, N ranks of the Ulysses group, h = H / N, S this rank's tokens, L = N * S, D head
+dim; the leading dim of what goes into an all-to-all is the destination rank, of what comes out the source.
+
+    before:  o_BHSD = xdit.ulysses_attention(q, k, v, None, scale, False, "g", [S, S], "auto")
+    after:   x = stack([q, k, v])                       # (3, B, H, S, D)
+             x = unflatten(x, 2, [N, -1])               # (3, B, N, h, S, D)
+             x = permute(x, [2, 0, 1, 3, 4, 5]).clone(contiguous)   # (N, 3, B, h, S, D)
+             y = wait_tensor(all_to_all_single(x, [1]*N, [1]*N, "g"))  # (N, 3, B, h, S, D), N = source
+             y = flatten(permute(y, [1, 2, 3, 0, 4, 5]), 3, 4)   # (3, B, h, L, D)
+             o = scaled_dot_product_attention(y[0], y[1], y[2], scale=scale)   # (B, h, L, D)
+             o = unflatten(o, 2, [N, -1]).permute(2, 0, 1, 3, 4).clone(contiguous)  # (N, B, h, S, D)
+             o = wait_tensor(all_to_all_single(o, [1]*N, [1]*N, "g"))     # (N, B, h, S, D), N = source
+             o_BHSD = flatten(permute(o, [1, 0, 2, 3, 4]), 1, 2).clone(contiguous)   # (B, H, S, D)
+
+No shape argument holds a size other than N, so the nodes are right for the LOCAL shapes the graph runs on
+(node meta keeps the full-size fake values, see README.md) and under dynamic shapes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+ULYSSES_OP = torch.ops.xdit.ulysses_attention.default
+DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
+
+
+def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
+    by_node = {rec["op_node"]: rec for rec in ctx.attention_report if "op_node" in rec}
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not ULYSSES_OP:
+            continue
+        reason = _not_simple(n)
+        rec = by_node.get(n.name)
+        if reason:
+            if rec is not None:
+                rec["kept_op"] = reason
+            continue
+        q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
+        g = gm.graph
+        with g.inserting_before(n):
+            out = _emit(g, q, k, v, scale, group, len(sizes))
+        out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
+        n.replace_all_uses_with(out)
+        g.erase_node(n)
+        if rec is not None:
+            rec["became"] = f"{rec['became']} ({DECOMPOSED})"
+            rec["decomposed"] = True
+        changed = True
+    return changed
+
+
+def _not_simple(n: fx.Node) -> str | None:
+    """Why this call stays on the custom op (None: it is decomposed)."""
+    q, k, v, mask, _scale, _gqa, _group, sizes, backend = n.args
+    if mask is not None:
+        return "mask"
+    if backend not in ("auto", "sdpa"):
+        return f"backend {backend}"
+    vals = [x.meta.get("example_value") if isinstance(x, fx.Node) else None for x in (q, k, v)]
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in vals):
+        return "q/k/v shapes unknown"
+    if not (vals[0].shape == vals[1].shape == vals[2].shape) or len({x.dtype for x in vals}) != 1:
+        return "q, k, v differ in heads, head dim or dtype"
+    num = len(sizes)
+    if not isinstance(vals[0].shape[1], int) or vals[0].shape[1] % num:
+        return f"{vals[0].shape[1]} heads not divisible by {num} (padded heads)"
+    if len(set(sizes)) != 1:
+        return f"uneven sequence shards {list(sizes)}"
+    return None
+
+
+def _emit(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
+    def call(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
+    def all_to_all(x):
+        splits = [1] * num
+        return call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, x, splits, splits, group))
+
+    def contiguous(x):
+        return call(aten.clone.default, x, memory_format=torch.contiguous_format)
+
+    x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
+    x = call(aten.unflatten.int, x, 2, [num, -1])                                 # (3, B, N, h, S, D)
+    x = contiguous(call(aten.permute.default, x, [2, 0, 1, 3, 4, 5]))             # (N, 3, B, h, S, D)
+    y = all_to_all(x)
+    y = call(aten.flatten.using_ints, call(aten.permute.default, y, [1, 2, 3, 0, 4, 5]), 3, 4)  # (3, B, h, L, D)
+    ql, kl, vl = (call(aten.select.int, y, 0, i) for i in range(3))
+    o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)              # (B, h, L, D)
+    o = call(aten.unflatten.int, o, 2, [num, -1])                                 # (B, h, N, S, D)
+    o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))                # (N, B, h, S, D)
+    o = all_to_all(o)
+    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 0, 2, 3, 4]), 1, 2)    # (B, H, S, D)
+    return contiguous(o)
