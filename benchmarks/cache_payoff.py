@@ -17,16 +17,17 @@ Computed vs skipped steps come from the caches' own decisions, the same way for 
 equal), a huge threshold (1e9) skips every step after the first. The xdit row also runs a forced pattern
 (cache_state(force=...): every other step skipped) to show forcing costs the same as deciding.
 
-Rows run one after the other, diffusers' last: its graph break sits in the loop over the blocks, so dynamo
-gives up on FluxTransformer2DModel.forward and marks that *code object* to run eagerly, which also stops the
-compiled forward of any other FluxTransformer2DModel in the process (measured: the xdit row, timed after it,
-no longer skipped anything and its blocks got compiled one by one).
+The diffusers row gets a private copy of FluxTransformer2DModel.forward's code object: its graph break sits
+in the loop over the blocks, so dynamo gives up on forward and marks that *code object* to run eagerly, which
+otherwise also stops the compiled forward of every other FluxTransformer2DModel in the process (measured: the
+xdit row, timed after it, no longer skipped anything and its blocks got compiled one by one).
 
 Per row: warm-up = one generation at threshold 0 and one at 1e9 (--warm-steps each; this compiles every graph,
 both branches included), timed with perf_counter; graphs, graph breaks and frames dynamo gave up on
 (torch._dynamo.utils.counters, cleared per row) counted over the warm-up; graphs compiled while timing are
-reported too (recompiles). Timed: --repeat rounds of one generation of --steps steps at threshold 0 and one at
-1e9. One step is a
+reported too (recompiles; counted for all rows together, attributed to diffusers', the only one that is not one
+fullgraph graph). Timed: --repeat rounds; in each round every row runs one generation of --steps steps at
+threshold 0 and one at 1e9, rows interleaved so machine load drifts hit all rows alike. One step is a
 model call timed alone (CUDA events on GPU); between steps the latent takes an Euler step (x += dt * v) and
 the timestep moves, as in a sampler. ms / computed step = median over the threshold-0 steps, ms / skipped step
 = median over the steps the cache skipped at 1e9. Outputs: every step's output of the xdit row at threshold 0
@@ -36,11 +37,13 @@ Prints a markdown table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -150,6 +153,16 @@ class DiffusersRow(Row):
         self._skipped.append(not self._hook.state_manager.get_state().should_compute)
 
 
+def _private_forward(model) -> None:
+    """Give this model its own copy of FluxTransformer2DModel.forward's code object (and skip diffusers'
+    LoRA-scale wrapper, a no-op here): dynamo's "run this frame eagerly" mark is per code object."""
+    inner = inspect.unwrap(type(model).forward)
+    fn = types.FunctionType(inner.__code__.replace(), inner.__globals__, inner.__name__, inner.__defaults__,
+                            inner.__closure__)
+    fn.__kwdefaults__ = inner.__kwdefaults__
+    model.forward = types.MethodType(fn, model)
+
+
 def make_rows(cfg, device, dtype, names):
     import xdit_compile
     from diffusers.hooks import FirstBlockCacheConfig
@@ -164,6 +177,7 @@ def make_rows(cfg, device, dtype, names):
                                              "cache": {"method": "fbcache", "threshold": 0.12}})
             rows.append(XditRow(name, model, model, cached=True))
         elif name == "diffusers":
+            _private_forward(model)
             model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
             rows.append(DiffusersRow(name, model, torch.compile(model, backend="inductor", dynamic=False),
                                      cached=True))
@@ -195,20 +209,22 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     names = a.rows.split(",")
-    rows = make_rows(cfg, device, dtype, sorted(names, key=lambda n: n == "diffusers"))
+    rows = make_rows(cfg, device, dtype, names)
     base = inputs(cfg, hw, hw, txt, device, dtype)
     timer = _Timer(device)
     info, skipped_at = {}, {}
-    for r in rows:          # one row after the other (see the module doc: diffusers' row must come last)
+    for r in rows:                                          # warm-up: compile everything, count graphs
         counters.clear()
-        t0 = time.perf_counter()                            # warm-up: compile everything, count graphs
+        t0 = time.perf_counter()
         r.generate(base, a.warm_steps, 0.0, timer)
         r.generate(base, a.warm_steps, HUGE, timer)
         if isinstance(r, XditRow):
             r.generate(base, a.warm_steps, 0.0, timer, force=lambda i: "skip" if i % 2 else "compute")
         info[r.name] = {"warmup_s": time.perf_counter() - t0, **_counts()}
-        counters.clear()
-        for _ in range(a.repeat):
+        print(r.name, info[r.name], flush=True)
+    counters.clear()
+    for _ in range(a.repeat):                               # timed, rows interleaved
+        for r in rows:
             ms, sk, outs = r.generate(base, a.steps, 0.0, timer)
             r.comp += ms
             skipped_at.setdefault(r.name, {})[0.0] = sk
@@ -220,8 +236,9 @@ def main(argv=None) -> int:
             if isinstance(r, XditRow):
                 ms, sk, _ = r.generate(base, a.steps, 0.0, timer, force=lambda i: "skip" if i % 2 else "compute")
                 r.forced += [t for i, t in enumerate(ms) if i in sk]
-        info[r.name]["compiled_while_timing"] = _counts()["graphs"]
-        print(r.name, info[r.name], flush=True)
+    timing_graphs = _counts()["graphs"]
+    for r in rows:
+        info[r.name]["compiled_while_timing"] = timing_graphs if r.name == "diffusers" else 0
 
     ref = next((r for r in rows if r.name == "none"), None)
     errs = {}
