@@ -260,6 +260,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise
 
 
+def each_case(run_case: Callable[[Any], Any], cases: dict) -> dict:
+    """In a worker: ``run_case`` on every case, an error caught per case as {"error": traceback} (a raise
+    would restart the pool and lose the other cases' results)."""
+    results = {}
+    for key, case in cases.items():
+        try:
+            results[key] = run_case(case)
+        except Exception:  # noqa: BLE001 - reported by the test of this case
+            results[key] = {"error": traceback.format_exc()}
+    return results
+
+
 @atexit.register
 def shutdown_pools() -> None:
     """Stop every worker (also registered to run at exit)."""

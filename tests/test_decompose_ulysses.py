@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 import torch.fx as fx
-from dist_utils import run_distributed
+from dist_utils import each_case, run_distributed
 from models import MODELS
 
 import xdit_compile  # noqa: F401  (registers the xdit:: ops)
@@ -125,15 +125,8 @@ def _run_case(case: dict) -> dict:
 
 
 def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
-    import traceback
-
-    results = {}
-    for key, case in cases.items():
-        try:
-            results[key] = _run_case(case)
-        except Exception:  # noqa: BLE001 - reported by the test of this case
-            results[key] = {"error": traceback.format_exc()}
-    return results
+    """Run every case, catching errors per case."""
+    return each_case(_run_case, cases)
 
 
 _RESULTS: list = []

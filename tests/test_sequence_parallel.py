@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import each_case, run_distributed
 from models import MODELS
 
 REL_TOL = 1e-4
@@ -125,16 +125,8 @@ def _idempotence(model, plan, inputs, out) -> dict:
 
 
 def _run_cases(rank: int, world_size: int, cases: dict[str, dict]) -> dict[str, dict]:
-    """Run every case, catching errors per case (a raise would restart the pool and lose the others)."""
-    import traceback
-
-    results = {}
-    for key, case in cases.items():
-        try:
-            results[key] = _run_case(case)
-        except Exception:  # noqa: BLE001 - reported by the test of this case
-            results[key] = {"error": traceback.format_exc()}
-    return results
+    """Run every case, catching errors per case."""
+    return each_case(_run_case, cases)
 
 
 # --- parent side --------------------------------------------------------------------------------------
