@@ -157,3 +157,66 @@ def test_displaced_stale_kv(world, key):
 def test_refused(world, key, match):
     for r in _results(world, key):
         assert match in r.get("refused", ""), r
+
+
+def _refused_4d_latent(rank, world, name):
+    """A model whose latent is an image (B, C, H, W) unpatchified by its epilogue: refused on every rank."""
+    import xdit_compile
+
+    torch._dynamo.reset()
+    mc = MODELS[name]
+    mc = dataclasses.replace(mc, config={**mc.config, "num_layers": 4})
+    kw = mc.inputs()
+    x0 = kw.pop("hidden_states")
+    kw.pop("timestep")
+    model = mc.build()
+    xdit_compile.parallelize(model, {"parallel": {"pipefusion": 2}, "pipefusion": {"warmup_steps": 1}})
+    try:
+        xdit_compile.pipefusion_denoise(model, x0, _sigmas(), kw)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_refused_image_latent():
+    msgs = run_distributed(_refused_4d_latent, 2, "sd3", timeout=600)
+    print(msgs[0])
+    assert all(m and m.startswith("pipefusion_denoise: ") and "per-call schedule" in m for m in msgs), msgs
+    assert msgs[0] == msgs[1]
+
+
+class _MixTokens(torch.nn.Module):
+    """Wraps an epilogue: adds the mean over tokens, so a patch's rows depend on the other patches."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        out = self.inner(*args)
+        return out + out.mean(dim=1, keepdim=True)
+
+
+def _refused_mixing_epilogue(rank, world):
+    import xdit_compile
+
+    torch._dynamo.reset()
+    mc, x0, kw = _setup()
+    model = mc.build()
+    xdit_compile.parallelize(model, {"parallel": {"pipefusion": 2}, "pipefusion": {"warmup_steps": 1}})
+    with torch.no_grad():
+        model(**kw, hidden_states=x0, timestep=torch.ones(1))
+    full = model._xdit_compiler.pipefusion_runners[0].full
+    target = next(node.target for p, node in full.calls if p == full.n + 1)
+    setattr(full.top, target, _MixTokens(getattr(full.top, target)))
+    try:
+        xdit_compile.pipefusion_denoise(model, x0, _sigmas(), kw)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_refused_epilogue_not_token_local():
+    msgs = run_distributed(_refused_mixing_epilogue, 2, timeout=600)
+    print(msgs[0])
+    assert all(m and "epilogue is not token-local" in m for m in msgs), msgs
