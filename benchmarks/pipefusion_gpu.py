@@ -4,6 +4,10 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         torchrun --nproc_per_node 4 benchmarks/pipefusion_gpu.py --resolutions 1024 --out benchmarks/results/pipefusion_1024.json
     (same with --resolutions 2048 --out benchmarks/results/pipefusion_2048.json)
+    # the displaced loop (xdit_compile.pipefusion_denoise) next to the per-call pipefusion=4 row:
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --nproc_per_node 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --plans pipefusion=4 ulysses=4 \
+        --displaced --out benchmarks/results/pipefusion_displaced_2048.json
     # CPU, gloo, tiny Flux config (a check of the harness; 3 steps keep it short):
     torchrun --nproc_per_node 4 benchmarks/pipefusion_gpu.py --tiny --steps 3 --out /tmp/pf.json
 
@@ -25,6 +29,9 @@ Rows per resolution:
   <plan> exact the same plan with warmup_steps = steps (every step on the whole sequence): rel err vs 1gpu
                must be at the bf16 noise level; its time is its only loop (compile included); --no-check
                skips it
+  <plan> displaced  (--displaced, pipefusion-only plans) the same warm-up-1 model through
+               xdit_compile.pipefusion_denoise: the last stage steps each latent patch and sends it to stage 0,
+               so steps overlap (no fill/drain per step); time = the median of --repeats loops after one
 Plans: pipefusion=4 (4 patches), pipefusion=2 x ulysses=2 (2 patches), and ulysses=4 (the sequence-parallel
 row in the same run, for comparison); --patches overrides the count, --plans picks rows.
 Rel err = ||x_final - x_final_1gpu|| / ||x_final_1gpu|| of the final latent.
@@ -83,10 +90,23 @@ def inputs(cfg, size, device, dtype):
                 guidance=torch.full((1,), 3.5, device=device), return_dict=False)
 
 
+def displaced(model, kw, steps):
+    """The same loop through xdit_compile.pipefusion_denoise (the pipeline displaced across steps)."""
+    import xdit_compile
+    sigmas = _sigmas(steps)
+    rest = {k: v for k, v in kw.items() if k != "hidden_states"}
+    return xdit_compile.pipefusion_denoise(model, kw["hidden_states"], sigmas, rest)
+
+
+def _sigmas(steps):
+    import torch
+    return torch.linspace(1.0, 1.0 / steps, steps).tolist() + [0.0]
+
+
 def denoise(model, kw, steps):
     """Flow-matching Euler loop; returns the final latent."""
     import torch
-    sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist() + [0.0]
+    sigmas = _sigmas(steps)
     x = kw["hidden_states"]
     for i in range(steps):
         t = torch.full((1,), sigmas[i], device=x.device, dtype=x.dtype)
@@ -117,11 +137,11 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def timed_loop(self, model, kw, steps, reset=None, repeats=None):
+    def timed_loop(self, model, kw, steps, reset=None, repeats=None, loop=denoise):
         """(compile+first loop s, [loop s ...], final latent); no repeats: the first loop's time only."""
         self.sync()
         t0 = time.perf_counter()
-        x = denoise(model, kw, steps)
+        x = loop(model, kw, steps)
         self.sync()
         first = time.perf_counter() - t0
         times = []
@@ -130,7 +150,7 @@ class Bench:
                 reset()
             self.sync()
             t0 = time.perf_counter()
-            x = denoise(model, kw, steps)
+            x = loop(model, kw, steps)
             self.sync()
             times.append(time.perf_counter() - t0)
         return first, times or [first], x
@@ -191,6 +211,16 @@ class Bench:
                     self.add(res, label, self.world, times, first, err,
                              dict(patches=patches, warmup_steps=warm if pf else None, param_gib_rank0=params / 2**30,
                                   peak_gib_rank0=peak, allocated_gib_rank0=alloc))
+                    if a.displaced and warm == 1 and set(par) == {"pipefusion"}:
+                        with torch.no_grad():
+                            # same model, already compiled; the first displaced loop makes the latent group
+                            first, times, x = self.timed_loop(m, kw, a.steps, loop=displaced)
+                        err = None
+                        if self.rank == 0:
+                            err = ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+                            print(xdit_compile.explain(m), flush=True)
+                        self.add(res, f"{name} displaced", self.world, times, first, err,
+                                 dict(patches=patches, warmup_steps=warm, param_gib_rank0=params / 2**30))
                     del m, x
                     gc.collect()         # the parallelized forward closes over the model: a reference cycle
                     if self.device.type == "cuda":
@@ -240,6 +270,9 @@ def main(argv=None):
     p.add_argument("--patches", type=int, default=0, help="patches (default: the pipefusion degree)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the warmup=all-steps runs (exactness vs the 1-GPU loop)")
+    p.add_argument("--displaced", action="store_true",
+                   help="also time xdit_compile.pipefusion_denoise (pipeline displaced across steps) for the "
+                        "pipefusion-only plans, on the warm-up-1 model: row '<plan> displaced'")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     b = Bench(args)

@@ -105,6 +105,81 @@ def reset_pipefusion(model) -> None:
         r.reset()
 
 
+def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=None, step_kwargs=None,
+                       latent_kwarg: str = "hidden_states"):
+    """A whole denoising loop on a model parallelized with ``parallel.pipefusion`` alone, with the pipeline
+    displaced across steps: the last stage steps each latent patch as it finishes and sends it to the other
+    stages, so stage 0 starts step i + 1 while the later stages finish step i (no fill/drain per step).
+
+    ``sigmas``: the schedule, ``len(sigmas) - 1`` steps. ``model_kwargs``: the inputs that do not change
+    across steps (``return_dict=False`` or not). ``step_kwargs(i) -> dict``: per-step inputs (default
+    ``{"timestep": sigmas[i]}`` per batch row, as Flux pipelines pass it). ``step_fn(x, v, i)``: the
+    scheduler step, elementwise, applied to the whole latent in warm-up steps and to one patch after (default
+    flow-matching Euler ``x + (sigmas[i + 1] - sigmas[i]) * v`` in float32). The first
+    ``pipefusion.warmup_steps`` steps are per-call full steps (exact). Returns the final latent, the same on
+    every rank. Hybrids (ulysses, ring, cfg, data) and models whose output cannot be made patch by patch are
+    refused with the reason; ``model(...)`` per step keeps working for them."""
+    from .runtime.pipefusion_displaced import DisplacedLoop
+
+    target = model if isinstance(model, torch.nn.Module) else getattr(model, "transformer", None)
+    compiler = getattr(target, "_xdit_compiler", None)
+    if compiler is None:
+        raise ValueError("pipefusion_denoise() needs a model that went through parallelize()")
+    plan = compiler.plan
+    par = plan.parallel
+    if par.pipefusion < 2:
+        raise ValueError(f"pipefusion_denoise() needs parallel.pipefusion >= 2 (got {par.pipefusion}); "
+                         "call the model per step instead")
+    others = {a: getattr(par, a) for a in ("ulysses", "ring", "cfg", "data") if getattr(par, a) > 1}
+    if others:
+        raise ValueError(f"pipefusion_denoise() supports parallel.pipefusion alone; this plan also has "
+                         f"{', '.join(f'{a}={v}' for a, v in others.items())}: call the model per step "
+                         "(the per-call schedule) for hybrids")
+    warm = plan.pipefusion.warmup_steps
+    if warm < 1:
+        raise ValueError("pipefusion_denoise() needs pipefusion.warmup_steps >= 1 (a full step fills the K/V "
+                         "buffers)")
+    sigmas = [float(s) for s in sigmas]
+    steps = len(sigmas) - 1
+    if steps < 1:
+        raise ValueError("pipefusion_denoise() needs at least two sigmas (one step)")
+    if step_fn is None:
+        def step_fn(x, v, i):
+            return (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+    if step_kwargs is None:
+        def step_kwargs(i):
+            return {"timestep": torch.full((latents.shape[0],), sigmas[i], dtype=latents.dtype,
+                                           device=latents.device)}
+    model_kwargs = dict(model_kwargs or {})
+    reset_pipefusion(target)
+    x, loop, runner = latents, None, None
+    try:
+        with torch.no_grad():
+            for i in range(steps):
+                kw = {**model_kwargs, **step_kwargs(i), latent_kwarg: x}
+                if i < warm:
+                    out = model(**kw)
+                    x = step_fn(x, out[0] if isinstance(out, (tuple, list)) else out.sample, i)
+                    continue
+                if loop is None:
+                    runners = compiler.pipefusion_runners
+                    if len(runners) != 1:
+                        raise ValueError(f"pipefusion_denoise() needs the model in one captured graph; dynamo "
+                                         f"made {len(runners)} (graph breaks)")
+                    runner = runners[0]
+                    group = getattr(runner, "_latent_group", None)
+                    if group is None:       # collective over the world, once per model: every rank is here
+                        group = runner._latent_group = torch.distributed.new_group(runner.p2p.ranks)
+                    loop = runner.displaced = DisplacedLoop(runner, num_steps=steps, step_fn=step_fn,
+                                                            latent=x, latent_group=group)
+                loop.i = i
+                model(**kw)
+    finally:
+        if runner is not None:
+            runner.displaced = None
+    return x if loop is None else loop.result
+
+
 def unparallelize(model):
     """Undo parallelize(): restore the original forward."""
     target = model if isinstance(model, torch.nn.Module) else model.transformer

@@ -191,13 +191,17 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
     states: dict[str, KVState] = {}
 
     # --- patch programs ---------------------------------------------------------------------------------
-    patches, names, pieces = [], None, []
+    patches, names, pieces, input_pieces, out_dtypes = [], None, [], [], []
     for m in range(num_patches):
         g = copy_graph(gm)
         names = truncate(g)
         pctx, fctx = shard_patch(g, ctx, m, num_patches)
         out_args = next(n for n in g.graph.nodes if n.op == "output").args[0]
         pieces.append([_piece(pctx, fctx, a, local) for a, local in zip(out_args, pctx.local_outputs)])
+        # where each input's patch-m slice sits (the displaced loop feeds the latent patch by patch)
+        input_pieces.append([_input_piece(pctx, fctx, p) for p in g.graph.nodes if p.op == "placeholder"])
+        out_dtypes = [getattr(a.meta.get("example_value"), "dtype", None) if isinstance(a, fx.Node) else None
+                      for a in out_args]
         for i, n in enumerate(_attention_nodes(g)):
             if arg(n, 3, "attn_mask") is not None:
                 raise ValueError(f"attention {n.name} has a mask over the joint sequence; pipefusion does not "
@@ -263,6 +267,10 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
     runner = PipeFusionRunner(full=full, patches=patches, assemble=assemble, epilogue_inputs=epi, stage=stage,
                               num_stages=n_stages, warmup_steps=warmup_steps, p2p=p2p, out_meta=out_meta,
                               report=report)
+    # input index -> (dim, [positions of patch m]) for inputs cut into patches at the source
+    runner.input_patches = {j: (input_pieces[0][j][0], [ip[j][1] for ip in input_pieces])
+                            for j in range(len(input_pieces[0])) if input_pieces[0][j][0] is not None}
+    runner.assemble_dtypes = out_dtypes
     return runner, set(free), report
 
 
@@ -286,6 +294,12 @@ def _piece(pctx, fctx, a, local: bool):
     if where is None:
         return None, None, None
     return where[0], where[1], tuple(shape)
+
+
+def _input_piece(pctx, fctx, p):
+    if pctx.an.dims.get(p) is None or td._shape(p) is None:
+        return None, None, None
+    return _piece(pctx, fctx, p, True)
 
 
 def _patch_tokens(pieces, names) -> list[int]:

@@ -15,7 +15,8 @@ Legend: ``_BHSD`` = (batch, heads, sequence, head dim). ``stage`` = a rank's ind
 - ``PipeFusionRunner``: what the dynamo backend returns. Calls ``< warmup_steps`` since ``reset()`` run the
   full sequence through the stages in order (exact, fills the buffers); later calls run ``num_patches``
   patches through the stages, stage s on patch m while stage s + 1 is on patch m - 1. The last stage runs
-  the epilogue and broadcasts the output to the other stages.
+  the epilogue and broadcasts the output to the other stages. While ``api.pipefusion_denoise`` runs a whole
+  loop, the later calls go to its ``DisplacedLoop`` instead (runtime/pipefusion_displaced.py).
 """
 from __future__ import annotations
 
@@ -223,6 +224,8 @@ class PipeFusionRunner:
         self.p2p, self.out_meta, self.report = p2p, out_meta, report
         self.calls = 0
         self.bytes_per_call: dict[str, int] = {}   # "full" / "patch" -> P2P bytes this rank sent in its last call
+        self.displaced = None     # a DisplacedLoop while api.pipefusion_denoise runs: it takes the patch calls
+        self.input_patches: dict = {}   # input index -> (dim, [positions of patch m]); set by the pass
 
     def reset(self) -> None:
         """A new denoising loop: the next ``warmup_steps`` calls run in full again."""
@@ -235,6 +238,9 @@ class PipeFusionRunner:
     def __call__(self, *inputs):
         sync = self.calls < self.warmup
         self.calls += 1
+        if not sync and self.displaced is not None:
+            with torch.no_grad():
+                return self.displaced.step(inputs)
         before = self.p2p.bytes_sent
         with torch.no_grad():
             outs = self._full(inputs) if sync else self._patched(inputs)
