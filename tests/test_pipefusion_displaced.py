@@ -6,7 +6,8 @@ loop (``model(...)`` per step) on the same model. With ``warmup_steps = STEPS`` 
 plain loop (exact); with ``warmup_steps = 1`` it uses stale K/V and must match the per-call loop (the
 K/V staleness of the two schedules is the same) and stay close to the reference.
 
-Cost: tiny models, one run_distributed call per world size.
+Cost: tiny models, one run_distributed call per world size; the 4-rank cases are in the slow tier
+(``XDIT_SLOW_TESTS=1``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import dataclasses
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import each_case, run_distributed
 from models import MODELS
 
 STEPS = 4
@@ -78,15 +79,7 @@ def _run_case(case: dict) -> dict:
 
 
 def _run_cases(rank, world_size, cases):
-    import traceback
-
-    out = {}
-    for key, case in cases.items():
-        try:
-            out[key] = _run_case(case)
-        except Exception:  # noqa: BLE001
-            out[key] = {"error": traceback.format_exc()}
-    return out
+    return each_case(_run_case, cases)
 
 
 GROUPS = {
@@ -123,8 +116,13 @@ def _results(world, key):
     return per_rank
 
 
+def _param(world, *args):
+    """The 4-rank group (one more process pool and five more traces) runs in the slow tier."""
+    return pytest.param(world, *args, marks=[pytest.mark.slow] if world == 4 else [])
+
+
 def _cases(kind):
-    return [(w, k) for w, g in GROUPS.items() for k in g if k.endswith("_exact") == (kind == "exact")
+    return [_param(w, k) for w, g in GROUPS.items() for k in g if k.endswith("_exact") == (kind == "exact")
             and not k.startswith("refused")]
 
 
@@ -151,8 +149,8 @@ def test_displaced_stale_kv(world, key):
 
 
 @pytest.mark.parametrize("world,key,match", [
-    (2, "refused_no_pipefusion", "needs parallel.pipefusion >= 2"),
-    (4, "refused_ulysses", "supports parallel.pipefusion alone; this plan also has ulysses=2"),
+    _param(2, "refused_no_pipefusion", "needs parallel.pipefusion >= 2"),
+    _param(4, "refused_ulysses", "supports parallel.pipefusion alone; this plan also has ulysses=2"),
 ])
 def test_refused(world, key, match):
     for r in _results(world, key):
