@@ -169,7 +169,9 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
                     runner = runners[0]
                     group = getattr(runner, "_latent_group", None)
                     if group is None:       # collective over the world, once per model: every rank is here
-                        group = runner._latent_group = torch.distributed.new_group(runner.p2p.ranks)
+                        from .mesh import _timeout   # the same collective timeout as every other group
+                        group = runner._latent_group = torch.distributed.new_group(runner.p2p.ranks,
+                                                                                   timeout=_timeout())
                     loop = runner.displaced = DisplacedLoop(runner, num_steps=steps, step_fn=step_fn,
                                                             latent=x, latent_group=group)
                 loop.i = i
