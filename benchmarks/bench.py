@@ -21,6 +21,8 @@ Methods:
   xdit_cg_op xdit_cg with compile.decompose_collectives = false: Ulysses stays the opaque xdit op (the path
              before issue 4's functional collectives; A/B against xdit_cg)  (N>1)
   xdit_cg_ov xdit_cg + compile.overlap = true (Inductor's reorder_for_compute_comm_overlap)  (N>1)
+  xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 6: heads in K chunks, all-to-all of one chunk
+             beside the attention of the previous one); xdit_cg_cKov the same + overlap  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
              backend in DIFFUSERS_BACKENDS is tried, the row is the fastest (all listed in its note)  (N>1)
   diffusers_ind  the same with the _native_cudnn backend under torch.compile (the peer's compiled mode)  (N>1)
@@ -67,21 +69,21 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
-METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov", "diffusers",
-           "diffusers_ind", "xfuser"]
-MAIN_METHODS = ["eager", "inductor", "xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov", "diffusers",
-                "diffusers_ind"]  # one sub-run
-XDIT_METHODS = ("xdit", "xdit_ind", "xdit_cg_op", "xdit_cg", "xdit_cg_ov")
+CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ulysses_chunks": k, "overlap": bool(ov)}
+           for k in (2, 3, 6) for ov in ("", "ov")}
 # compile section of each xdit method's plan (decompose_collectives defaults to true)
 XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor"},
                 "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},
                 "xdit_cg": {"lowering": "inductor", "cudagraphs": True},
-                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True}}
+                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True}, **CHUNKED}
+XDIT_METHODS = tuple(XDIT_COMPILE)
+MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
+METHODS = [*MAIN_METHODS, "xfuser"]
 DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, "diffusers": 40,
+         "xdit_cg_ov": 100, **{m: 100 for m in CHUNKED}, "diffusers": 40,
          "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -693,6 +695,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_ind": "xdit_compile (Inductor)", "xdit_cg": "xdit_compile (Inductor + CUDA graphs)",
                 "xdit_cg_op": "xdit_compile (Inductor + CUDA graphs, opaque all-to-all op)",
                 "xdit_cg_ov": "xdit_compile (Inductor + CUDA graphs + comm overlap)",
+                **{m: f"xdit_compile (Inductor + CUDA graphs, {c['ulysses_chunks']} head chunks"
+                      f"{' + comm overlap' if c['overlap'] else ''})" for m, c in CHUNKED.items()},
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",
                 "xfuser": "xDiT (xfuser)"}
 

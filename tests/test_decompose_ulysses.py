@@ -9,6 +9,7 @@ custom op with it off. One ``run_distributed`` call runs every case (Inductor co
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -70,6 +71,23 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
+@pytest.mark.parametrize("asked,used", [(2, 2), (3, 2), (4, 4), (8, 4)])   # 8 heads / 2 ranks = 4 local heads
+def test_head_chunks_pipelined(asked, used):
+    gm, ctx = _graph((1, 8, 8, 16), (1, 8, 8, 16), [4, 4])
+    ctx.ulysses_chunks = asked
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    targets = _targets(gm)
+    starts = [i for i, t in enumerate(targets) if t.startswith(A2A)]
+    waits = [i for i, t in enumerate(targets) if t == "_c10d_functional.wait_tensor.default"]
+    sdpa = [i for i, t in enumerate(targets) if "scaled_dot_product_attention" in t]
+    assert len(starts) == len(waits) == 2 * used and len(sdpa) == used
+    assert max(starts[:used]) < min(waits), "every q/k/v all-to-all is started before the first wait"
+    for c in range(1, used):   # chunk c's output transfer starts before chunk c + 1's attention
+        assert starts[used + c - 1] < sdpa[c]
+    assert f"{used} head chunks" in ctx.attention_report[0]["became"]
+
+
 @pytest.mark.parametrize("lowering,switch,ulysses,expected", [
     ("inductor", True, 2, True),
     ("inductor", False, 2, False),     # compile.decompose_collectives = false: the op stays
@@ -94,7 +112,9 @@ CASES = {
     # text_len 8: 8 text + 24 image tokens split 16 / 16 (the default 7 gives uneven shards, which stay on the op)
     "flux": {"model": "flux", "size": {"text_len": 8}, "compile": {}},
     "flux_off": {"model": "flux", "size": {"text_len": 8}, "compile": {"decompose_collectives": False}},
-    "flux_overlap": {"model": "flux", "size": {"text_len": 8}, "compile": {"overlap": True}},
+    # 8 heads (4 per rank) in 4 chunks: 4 q/k/v + 4 output all-to-alls per attention, with Inductor's reordering
+    "flux_chunks_overlap": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
+                            "compile": {"ulysses_chunks": 4, "overlap": True}},
     "wan": {"model": "wan", "size": {}, "compile": {}},
 }
 
@@ -104,6 +124,8 @@ def _run_case(case: dict) -> dict:
 
     torch._dynamo.reset()
     model_case = MODELS[case["model"]]
+    if "heads" in case:
+        model_case = dataclasses.replace(model_case, config={**model_case.config, "num_attention_heads": case["heads"]})
     model = model_case.build()
     inputs = model_case.inputs(**case["size"])
     with torch.no_grad():
@@ -147,12 +169,13 @@ def _results(key: str) -> list[dict]:
     return per_rank
 
 
-@pytest.mark.parametrize("key", ["flux", "flux_overlap", "wan"])
+@pytest.mark.parametrize("key", ["flux", "flux_chunks_overlap", "wan"])
 def test_decomposed_matches(key):
+    chunks = CASES[key]["compile"].get("ulysses_chunks", 1)
     for rank, r in enumerate(_results(key)):
         assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
         assert r["n_op"] == 0, f"{key} rank {rank}: {r['n_op']} {ULYSSES} nodes left\n{r['explain']}"
-        assert r["n_a2a"] > 0 and r["n_a2a"] == 2 * r["n_decomposed"], f"{key} rank {rank}: {r}"
+        assert r["n_a2a"] > 0 and r["n_a2a"] == 2 * chunks * r["n_decomposed"], f"{key} rank {rank}: {r}"
         assert "decomposed" in r["explain"]
 
 

@@ -38,6 +38,7 @@ class CompileContext:
     cache_report: dict | None = None
     lowering: str = "eager"            # plan.compile.lowering
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
+    ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
 
     @property
     def pipefusion(self) -> bool:
@@ -103,7 +104,8 @@ class XditCompiler:
                              disabled_passes=self.disabled, cfg_external=self.cfg_external,
                              cache_config=self.plan.cache, example_inputs=list(example_inputs),
                              model_class=self.model_class, lowering=self.plan.compile.lowering,
-                             decompose_collectives=self.plan.compile.decompose_collectives)
+                             decompose_collectives=self.plan.compile.decompose_collectives,
+                             ulysses_chunks=self.plan.compile.ulysses_chunks)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

@@ -27,6 +27,21 @@ dim; the leading dim of what goes into an all-to-all is the destination rank, of
 
 No shape argument holds a size other than N, so the nodes are right for the LOCAL shapes the graph runs on
 (node meta keeps the full-size fake values, see README.md) and under dynamic shapes.
+
+Head chunks (compile.ulysses_chunks = C > 1): the h local heads are cut into C chunks of h / C, and the
+all-to-alls are issued so that communication runs beside attention: every chunk's q/k/v all-to-all is
+started first (NCCL runs them one after another on its own stream), then per chunk: wait, SDPA, start its
+output all-to-all; the output waits come last. Chunk c + 1's q/k/v transfer overlaps chunk c's attention and
+chunk c's output transfer overlaps chunk c + 1's attention; only the first and the last transfer are exposed.
+
+    x = stack([q, k, v]) -> unflatten(2, [N, C, -1]) -> permute to (C, N, 3, B, hc, S, D), contiguous
+    a_c = all_to_all_single(x[c])                            for c < C    (no wait yet)
+    o_c = sdpa(wait(a_c) as (3, B, hc, L, D)) -> (N, B, hc, S, D) -> all_to_all_single   for c < C
+    o   = stack([wait(o_c)], 1)                 # (N, C, B, hc, S, D) -> (B, N, C, hc, S, D) -> (B, H, S, D)
+
+Head n * h + c * hc + j of the input is head c * hc + j of rank n's local heads, so chunk c of every rank
+holds the same heads of the full attention. When C does not divide h, the largest divisor of h below C is
+used (the report says which).
 """
 from __future__ import annotations
 
@@ -55,13 +70,14 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
             continue
         q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
         g = gm.graph
+        chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
         with g.inserting_before(n):
-            out = _emit(g, q, k, v, scale, group, len(sizes))
+            out = _emit(g, q, k, v, scale, group, len(sizes), chunks)
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
         n.replace_all_uses_with(out)
         g.erase_node(n)
         if rec is not None:
-            rec["became"] = f"{rec['became']} ({DECOMPOSED})"
+            rec["became"] = f"{rec['became']} ({DECOMPOSED}{f', {chunks} head chunks' if chunks > 1 else ''})"
             rec["decomposed"] = True
         changed = True
     return changed
@@ -87,7 +103,12 @@ def _not_simple(n: fx.Node) -> str | None:
     return None
 
 
-def _emit(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
+def _chunks(local_heads: int, asked: int) -> int:
+    """The largest divisor of the local head count that is <= the asked chunk count."""
+    return max(c for c in range(1, max(1, min(asked, local_heads)) + 1) if local_heads % c == 0)
+
+
+def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1) -> fx.Node:
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
@@ -98,6 +119,8 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
     def contiguous(x):
         return call(aten.clone.default, x, memory_format=torch.contiguous_format)
 
+    if chunks > 1:
+        return _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num, chunks)
     x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
     x = call(aten.unflatten.int, x, 2, [num, -1])                                 # (3, B, N, h, S, D)
     x = contiguous(call(aten.permute.default, x, [2, 0, 1, 3, 4, 5]))             # (N, 3, B, h, S, D)
@@ -109,4 +132,25 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
     o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))                # (N, B, h, S, D)
     o = all_to_all(o)
     o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 0, 2, 3, 4]), 1, 2)    # (B, H, S, D)
+    return contiguous(o)
+
+
+def _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num: int, chunks: int) -> fx.Node:
+    splits = [1] * num
+    x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
+    x = call(aten.unflatten.int, x, 2, [num, chunks, -1])                         # (3, B, N, C, hc, S, D)
+    x = contiguous(call(aten.permute.default, x, [3, 2, 0, 1, 4, 5, 6]))          # (C, N, 3, B, hc, S, D)
+    started = [call(c10d.all_to_all_single.default, call(aten.select.int, x, 0, c), splits, splits, group)
+               for c in range(chunks)]                                            # all q/k/v transfers queued
+    outs = []
+    for a in started:
+        y = call(c10d.wait_tensor.default, a)                                     # (N, 3, B, hc, S, D), N = source
+        y = call(aten.flatten.using_ints, call(aten.permute.default, y, [1, 2, 3, 0, 4, 5]), 3, 4)  # (3, B, hc, L, D)
+        ql, kl, vl = (call(aten.select.int, y, 0, i) for i in range(3))
+        o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)          # (B, hc, L, D)
+        o = call(aten.unflatten.int, o, 2, [num, -1])                             # (B, hc, N, S, D)
+        o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))            # (N, B, hc, S, D)
+        outs.append(call(c10d.all_to_all_single.default, o, splits, splits, group))
+    o = call(aten.stack.default, [call(c10d.wait_tensor.default, a) for a in outs], 1)   # (N, C, B, hc, S, D)
+    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [2, 0, 1, 3, 4, 5]), 1, 3)  # (B, H, S, D)
     return contiguous(o)

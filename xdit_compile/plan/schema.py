@@ -168,6 +168,9 @@ class CompileConfig:
     """Inductor only: run the Ulysses all-to-all as functional collectives in the graph (attention without a
     mask, heads divisible by the degree, even shards), so Inductor fuses the layout copies around it and may
     overlap it; false keeps the opaque ``xdit::ulysses_attention`` op."""
+    ulysses_chunks: int = 1
+    """Inductor, decomposed Ulysses only: cut each attention's heads into this many chunks and pipeline them, so
+    one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way)."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
@@ -179,6 +182,7 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
         _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
         _check_bool(f"{self.SECTION}.overlap", self.overlap)
+        _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
         if self.overlap and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop overlap")
