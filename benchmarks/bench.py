@@ -21,7 +21,7 @@ Methods:
   xdit_cg_op xdit_cg with compile.decompose_collectives = false: Ulysses stays the opaque xdit op (the path
              before issue 4's functional collectives; A/B against xdit_cg)  (N>1)
   xdit_cg_ov xdit_cg + compile.overlap = true (Inductor's reorder_for_compute_comm_overlap)  (N>1)
-  xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 6: heads in K chunks, all-to-all of one chunk
+  xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 5, 6: heads in K chunks, all-to-all of one chunk
              beside the attention of the previous one); xdit_cg_cKov the same + overlap  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
              backend in DIFFUSERS_BACKENDS is tried, the row is the fastest (all listed in its note)  (N>1)
@@ -70,7 +70,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
 CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ulysses_chunks": k, "overlap": bool(ov)}
-           for k in (2, 3, 6) for ov in ("", "ov")}
+           for k in (2, 3, 5, 6) for ov in ("", "ov")}
 # compile section of each xdit method's plan (decompose_collectives defaults to true)
 XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor"},
                 "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},

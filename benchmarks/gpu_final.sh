@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_final.sh pipefusion cache1     # ~9 min on 4 x H100
 #   bash benchmarks/gpu_final.sh cache4 profile        # ~7 min
 # Parts: pipefusion (1024 then 2048: 1 GPU, pipefusion=4, pipefusion=2 x ulysses=2, ulysses=4; 28-step loops),
-# pf8patches (2048²: 1 GPU and pipefusion=4 with 8 patches, the smaller fill/drain bubble; ~2 min),
+# displaced2048 (2048²: pipefusion=4 per-call and displaced loops on one model, ~3 min), pf8patches (2048²: 1 GPU and pipefusion=4 with 8 patches, the smaller fill/drain bubble; ~2 min),
 # cache1 / cache4 (none, fbcache, teacache at a forced skip rate, 1 and 4 GPUs), profile (FLUX 1024 ulysses 4,
 # Inductor + CUDA graphs). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
 # the call ends with whatever finished. Results and logs go to $OUT.
@@ -31,13 +31,15 @@ for part in "$@"; do
         --out $OUT/pipefusion_1024.json
       run pipefusion_2048 330 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check --base-repeats 0 \
         --plans "${PLANS[@]}" --out $OUT/pipefusion_2048.json ;;
+    displaced2048) run pf_displaced_2048 330 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check \
+        --base-repeats 0 --plans pipefusion=4 --displaced --out $OUT/pf_displaced_2048.json ;;
     pf8patches) run pipefusion_2048_m8 300 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check \
         --base-repeats 0 --plans pipefusion=4 --patches 8 --out $OUT/pipefusion_2048_m8.json ;;
     cache1) run cache_1 240 $T 1 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_1.json ;;
     cache4) run cache_4 300 $T 4 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_4.json ;;
     profile) run profile 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
         --cudagraphs --out $OUT/profile_flux1024.md ;;
-    *) echo "unknown part $part (pipefusion, pf8patches, cache1, cache4, profile)"; exit 2 ;;
+    *) echo "unknown part $part (pipefusion, displaced2048, pf8patches, cache1, cache4, profile)"; exit 2 ;;
   esac
 done
 cat $OUT/rc.txt
