@@ -61,14 +61,6 @@ def test_bad_degree(value):
     assert "parallel.ulysses must be an int >= 1" in message and "got" in message, message
 
 
-def test_pipefusion_with_ring_not_implemented():
-    # pipefusion=2 x ring=2 would be rejected for its size on 2 ranks: check the reason without processes
-    from xdit_compile import Plan
-    message = Plan.from_dict({"parallel": {"pipefusion": 2, "ring": 2}}).unsupported_reason()
-    assert "parallel.pipefusion=2 with parallel.ring=2 is not implemented" in message, message
-    assert "ulysses" in message, message  # what to do instead
-
-
 def test_bad_lowering():
     kind, message = _errors({"parallel": {"ulysses": 2}, "compile": {"lowering": "inductr"}})
     assert kind == "ValueError"

@@ -3,7 +3,8 @@
 The 8-GPU run itself needs an 8-GPU machine; this is what the CPUs allow: the same plans, real process groups
 and collectives at world size 8, every output compared with the one-process model. All five plans of the issue
 (ulysses=8; ring=2 x ulysses=4; pipefusion=2 x ulysses=4; cfg=2 x pipefusion=2 x ulysses=2 on a CFG model;
-pipefusion=8) in one run_distributed call (8 workers on 2 cores, ~3 min: dynamo tracing on 8 ranks dominates).
+pipefusion=8), and pipefusion=2 x ring=2 x ulysses=2, in one run_distributed call (8 workers on 2 cores,
+~4 min: dynamo tracing on 8 ranks dominates).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dist_utils import run_distributed
 from models import MODELS
 
 WORLD = 8
-pytestmark = pytest.mark.slow  # XDIT_SLOW_TESTS=1; about 3 minutes on 2 cores
+pytestmark = pytest.mark.slow  # XDIT_SLOW_TESTS=1; about 4 minutes on 2 cores
 
 
 def _wan_heads(heads: int) -> dict:
@@ -32,6 +33,8 @@ CASES = {  # key -> case (model, parallel degrees, config); "patches" marks a Pi
                                   "config": {"num_attention_heads": 4}},
     "sd3_cfg2xpipefusion2xulysses2": {"model": "sd3", "parallel": {"cfg": 2, "pipefusion": 2, "ulysses": 2},
                                       "patches": 4, "batch": 2},
+    "flux_pipefusion2xring2xulysses2": {"model": "flux", "parallel": {"pipefusion": 2, "ring": 2, "ulysses": 2},
+                                        "patches": 2},
     "pixart_pipefusion8": {"model": "pixart", "parallel": {"pipefusion": 8}, "patches": 8,
                            "config": {"num_layers": 8}},
 }

@@ -301,6 +301,8 @@ def _format_pipefusion(rep) -> list[str]:
     lines = [f"graph {rep['subgraph']}: pipefusion over {len(pf['stages'])} stages, {pf['num_patches']} patches "
              f"(tokens per patch {pf['patch_tokens']}), warm-up {pf['warmup_steps']} full step(s), "
              f"{pf['attention_layers']} attention layers with a stale-KV buffer"]
+    if pf.get("kv_buffer"):
+        lines.append(f"  K/V buffer: {pf['kv_buffer']}")
     for st in pf["stages"]:
         b = st["blocks"]
         what = f"{b[0]} .. {b[-1]}" if len(b) > 1 else b[0]

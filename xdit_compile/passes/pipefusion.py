@@ -12,6 +12,8 @@ prologue | stage 0 | ... | stage N-1 | epilogue, run on the whole sequence / on 
     patch m:   epilogue dropped (outputs = the stack's live values), shard_sequence with the patch-m layout and
                outputs left LOCAL, each sequence attention -> PFAttention(patch m: write K/V at the patch's
                buffer positions, attend over the whole buffer)
+    ring:      the ring group is in one stage on one patch; each ring rank's buffer holds its own token
+               shard, and PFAttention runs the ring over the buffers (xDiT's pipefusion x ring hybrid)
 
 The runtime (runtime/pipefusion.py) runs the full program for warm-up calls and the patch programs after,
 puts the last stage's patch outputs back in place and runs the full epilogue. Each rank keeps only its
@@ -186,9 +188,17 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
             for blk in stack.blocks[a:b] for p in blk.params]
     stage_numel = [sum(blk.numel for blk in stack.blocks[a:b]) for a, b in ranges]
     mark_stages(gm, stack, ranges)
-    sp = ctx.sp_size
-    ulysses_group = ctx.group_name("ulysses") if sp > 1 else None
+    sp, nu = ctx.sp_size, ctx.ulysses
+    # This rank's Ulysses group = sp ranks mine[0] .. mine[-1] (sp is ring-major); with ring, the KV buffer
+    # holds that group's token shard, and the other ring ranks' buffers come around the ring.
+    mine = range(dims.axis_rank("ring") * nu, (dims.axis_rank("ring") + 1) * nu)
+    ulysses_group = ctx.group_name("ulysses") if nu > 1 else None
+    ring_group = ctx.group_name("ring") if ctx.ring > 1 else None
     states: dict[str, KVState] = {}
+
+    def attention(state, index, scale, gqa, seq_sizes, ring_sizes):
+        return PFAttention(state, index, scale, gqa, ulysses_group, seq_sizes[mine[0]:mine[-1] + 1],
+                           ctx.attention_backend, ring_group, ring_sizes if ring_group else None)
 
     # --- patch programs ---------------------------------------------------------------------------------
     patches, names, pieces, input_pieces, out_dtypes = [], None, [], [], []
@@ -208,14 +218,15 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
                                  "support masked self-attention yet")
             scale, gqa = _attn_args(n)
             c = pctx.an.dims[arg(n, 0, "query")][-2]
+            full_sizes = [len(fctx.positions(c, {"sp": r})) for r in range(sp)]
             index, off = [], 0
-            for r in range(sp):
-                full_r = fctx.positions(c, {"sp": r})
-                at = {p: j for j, p in enumerate(full_r)}
+            for r in mine:
+                at = {p: j for j, p in enumerate(fctx.positions(c, {"sp": r}))}
                 index += [off + at[p] for p in pctx.positions(c, {"sp": r})]
-                off += len(full_r)
-            mod = PFAttention(states.setdefault(n.name, KVState()), index, scale, gqa, ulysses_group,
-                              n.meta["xdit_attention"]["seq_sizes"], ctx.attention_backend)
+                off += full_sizes[r]
+            ring_sizes = [sum(full_sizes[j:j + nu]) for j in range(0, sp, nu)]
+            mod = attention(states.setdefault(n.name, KVState()), index, scale, gqa,
+                            n.meta["xdit_attention"]["seq_sizes"], ring_sizes)
             _replace_attention(g, n, mod, f"xdit_pf_attn_{i}")
         g.graph.lint()
         g.recompile()
@@ -237,9 +248,9 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
         if sp > 1 and info.get("kind") != "sequence":
             raise ValueError(f"pipefusion: attention {name} is sharded in patches but not over the sequence")
         scale, gqa = _attn_args(n)
-        sizes = info.get("seq_sizes", [0])
-        _replace_attention(f, n, PFAttention(states[name], None, scale, gqa, ulysses_group, sizes,
-                                             ctx.attention_backend), f"xdit_pf_attn_{i}")
+        sizes = info.get("seq_sizes", [0] * sp)
+        ring_sizes = [sum(sizes[j:j + nu]) for j in range(0, sp, nu)]
+        _replace_attention(f, n, attention(states[name], None, scale, gqa, sizes, ring_sizes), f"xdit_pf_attn_{i}")
     f.graph.lint()
     f.recompile()
     out_node = next(n for n in f.graph.nodes if n.op == "output")
@@ -262,6 +273,7 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
         "warmup_steps": warmup_steps,
         "patch_tokens": _patch_tokens(pieces, names),
         "attention_layers": len(states),
+        "kv_buffer": _kv_buffer_text(nu, ctx.ring),
     }
     p2p = P2P(ctx.group_name("pipefusion"), dims.device)
     runner = PipeFusionRunner(full=full, patches=patches, assemble=assemble, epilogue_inputs=epi, stage=stage,
@@ -308,3 +320,11 @@ def _patch_tokens(pieces, names) -> list[int]:
         if pieces[0][i][0] is not None:
             return [len(p[i][1]) for p in pieces]
     return []
+
+
+def _kv_buffer_text(nu: int, nr: int) -> str:
+    heads = f"this rank's heads after the Ulysses all-to-all over {nu} ranks" if nu > 1 else "all heads"
+    if nr == 1:
+        return f"the whole sequence, {heads}; attention is local"
+    return (f"this ring rank's token shard, {heads}; a patch's queries attend over every shard, K/V passed "
+            f"around the ring of {nr} ranks (LSE merge)")

@@ -421,13 +421,9 @@ class Plan:
 
     def unsupported_reason(self) -> str | None:
         """Why this plan cannot run in this version, or ``None`` if it can."""
-        p = self.parallel
         if self.compile.dynamic:
             return ("compile.dynamic=true is not supported yet: the sharding analysis works on static shapes "
                     "(each new input shape compiles once); set compile.dynamic = false")
-        if p.pipefusion > 1 and p.ring > 1:
-            return (f"parallel.pipefusion={p.pipefusion} with parallel.ring={p.ring} is not implemented yet "
-                    "(pipefusion combines with ulysses, cfg and data); give the ring degree to ulysses")
         return None
 
 

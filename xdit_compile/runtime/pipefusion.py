@@ -11,7 +11,9 @@ Legend: ``_BHSD`` = (batch, heads, sequence, head dim). ``stage`` = a rank's ind
   then written in place). A full call writes all of it; a patch call writes its patch's fresh K/V at the
   patch's positions and attends over the whole buffer (the other patches' K/V are stale: from the previous
   step, or from earlier patches of this step). With Ulysses the buffer holds this rank's heads of the whole
-  sequence, after the all-to-all.
+  sequence, after the all-to-all. With ring (xDiT's hybrid): the ranks of a ring group are in the same stage
+  on the same patch; each holds the buffer of its Ulysses group's token shard only, and the patch's queries
+  attend over every ring rank's buffer as it passes around the ring (``attention._ring``, LSE merge).
 - ``PipeFusionRunner``: what the dynamo backend returns. Calls ``< warmup_steps`` since ``reset()`` run the
   full sequence through the stages in order (exact, fills the buffers); later calls run ``num_patches``
   patches through the stages, stage s on patch m while stage s + 1 is on patch m - 1. The last stage runs
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from .attention import _local_attention, _ulysses_in, _ulysses_out
+from .attention import _local_attention, _ring, _ulysses_in, _ulysses_out
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
            torch.uint8, torch.int8, torch.complex64]
@@ -97,7 +99,8 @@ class P2P:
 
 
 class KVState:
-    """One attention layer's K/V for the whole sequence (this rank's heads); allocated once."""
+    """One attention layer's K/V for the whole sequence (this rank's heads; with ring, this ring rank's token
+    shard); allocated once."""
 
     def __init__(self):
         self.k = self.v = None
@@ -120,13 +123,17 @@ class PFAttention(torch.nn.Module):
     """Sequence attention with the layer's KV buffer: full calls store K/V, patch calls attend over the buffer.
 
     ``index``: for a patch call, the buffer positions of this call's keys (after the Ulysses all-to-all:
-    every rank's piece of the patch, rank-major); ``None`` for a full call."""
+    every Ulysses rank's piece of the patch, rank-major); ``None`` for a full call. ``seq_sizes``: this
+    call's tokens per rank of the Ulysses group. ``ring_sizes``: buffer tokens per ring rank (the K/V blocks
+    that travel around the ring), ``None`` without ring."""
 
-    def __init__(self, state: KVState, index, scale, gqa, ulysses_group, seq_sizes, backend):
+    def __init__(self, state: KVState, index, scale, gqa, ulysses_group, seq_sizes, backend, ring_group=None,
+                 ring_sizes=None):
         super().__init__()
         self.state, self.scale, self.gqa = state, scale, gqa
         self.index = None if index is None else torch.tensor(index, dtype=torch.long)
         self.group, self.sizes, self.backend = ulysses_group, list(seq_sizes), backend
+        self.ring_group, self.ring_sizes = ring_group, ring_sizes
 
     def forward(self, q, k, v, mask=None):
         pg = _resolve(self.group) if self.group else None
@@ -141,10 +148,14 @@ class PFAttention(torch.nn.Module):
         self.state.write(k, v, index)
         if index is not None:
             k, v = self.state.k, self.state.v
-        out = _local_attention(q, k, v, mask, self.scale, gqa, self.backend)
+        if self.ring_group:
+            rpg = _resolve(self.ring_group)
+            out = _ring(q, k, v, mask, self.scale, rpg, rpg.rank(), self.ring_sizes, gqa, self.backend)
+        else:
+            out = _local_attention(q, k, v, mask, self.scale, gqa, self.backend)
         if pg is not None:
-            out = _ulysses_out(out, pg, rank, self.sizes, num_heads)
-        return out
+            return _ulysses_out(out, pg, rank, self.sizes, num_heads)
+        return out.contiguous()
 
 
 # --- running a split graph --------------------------------------------------------------------------------
