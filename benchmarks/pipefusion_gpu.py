@@ -29,7 +29,7 @@ Rows per resolution:
   <plan> exact the same plan with warmup_steps = steps (every step on the whole sequence): rel err vs 1gpu
                must be at the bf16 noise level; its time is its only loop (compile included); --no-check
                skips it
-  <plan> displaced  (--displaced, pipefusion-only plans) the same warm-up-1 model through
+  <plan> displaced  (--displaced, pipefusion plans, hybrids included) the same warm-up-1 model through
                xdit_compile.pipefusion_denoise: the last stage steps each latent patch and sends it to stage 0,
                so steps overlap (no fill/drain per step); time = the median of --repeats loops after one
 Plans: pipefusion=4 (4 patches), pipefusion=2 x ulysses=2 (2 patches), and ulysses=4 (the sequence-parallel
@@ -211,7 +211,7 @@ class Bench:
                     self.add(res, label, self.world, times, first, err,
                              dict(patches=patches, warmup_steps=warm if pf else None, param_gib_rank0=params / 2**30,
                                   peak_gib_rank0=peak, allocated_gib_rank0=alloc))
-                    if a.displaced and warm == 1 and set(par) == {"pipefusion"}:
+                    if a.displaced and warm == 1 and pf and par.get("ring", 1) == 1:
                         with torch.no_grad():
                             # same model, already compiled; the first displaced loop makes the latent group
                             first, times, x = self.timed_loop(m, kw, a.steps, loop=displaced)
@@ -272,7 +272,7 @@ def main(argv=None):
                    help="skip the warmup=all-steps runs (exactness vs the 1-GPU loop)")
     p.add_argument("--displaced", action="store_true",
                    help="also time xdit_compile.pipefusion_denoise (pipeline displaced across steps) for the "
-                        "pipefusion-only plans, on the warm-up-1 model: row '<plan> displaced'")
+                        "pipefusion plans, on the warm-up-1 model: row '<plan> displaced'")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     b = Bench(args)

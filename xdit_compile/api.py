@@ -106,19 +106,24 @@ def reset_pipefusion(model) -> None:
 
 
 def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=None, step_kwargs=None,
-                       latent_kwarg: str = "hidden_states"):
-    """A whole denoising loop on a model parallelized with ``parallel.pipefusion`` alone, with the pipeline
-    displaced across steps: the last stage steps each latent patch as it finishes and sends it to the other
-    stages, so stage 0 starts step i + 1 while the later stages finish step i (no fill/drain per step).
+                       latent_kwarg: str = "hidden_states", warmup_steps: int | None = None):
+    """A whole denoising loop on a model parallelized with ``parallel.pipefusion`` (alone or with ulysses, cfg
+    or data), with the pipeline displaced across steps: the last stage steps each latent patch as it
+    finishes and sends it to the other stages, so stage 0 starts step i + 1 while the later stages finish
+    step i (no fill/drain per step).
 
-    ``sigmas``: the schedule, ``len(sigmas) - 1`` steps. ``model_kwargs``: the inputs that do not change
-    across steps (``return_dict=False`` or not). ``step_kwargs(i) -> dict``: per-step inputs (default
-    ``{"timestep": sigmas[i]}`` per batch row, as Flux pipelines pass it). ``step_fn(x, v, i)``: the
-    scheduler step, elementwise, applied to the whole latent in warm-up steps and to one patch after (default
-    flow-matching Euler ``x + (sigmas[i + 1] - sigmas[i]) * v`` in float32). The first
-    ``pipefusion.warmup_steps`` steps are per-call full steps (exact). Returns the final latent, the same on
-    every rank. Hybrids (ulysses, ring, cfg, data) and models whose output cannot be made patch by patch are
-    refused with the reason; ``model(...)`` per step keeps working for them."""
+    ``latents``: the latent as the model takes it (with parallel.cfg, the batched ``[uncond, cond]`` latent,
+    e.g. ``torch.cat([x, x])``). ``sigmas``: the schedule, ``len(sigmas) - 1`` steps. ``model_kwargs``: the
+    inputs that do not change across steps (``return_dict=False`` or not). ``step_kwargs(i) -> dict``:
+    per-step inputs (default ``{"timestep": sigmas[i]}`` per batch row, as Flux pipelines pass it).
+    ``step_fn(x, v, i)``: the scheduler step, applied to the whole latent in warm-up steps and to one patch
+    after: ``x`` and ``v`` (the model output) hold the model's whole batch at the patch's tokens, so with
+    parallel.cfg it can apply guidance (combine the rows of the two halves) and return the new latent for
+    both halves. It must work token by token. Default: flow-matching Euler ``x + (sigmas[i + 1] -
+    sigmas[i]) * v`` in float32 (no guidance). The first ``pipefusion.warmup_steps`` steps (or
+    ``warmup_steps``: for this loop only, no recompile) are per-call full steps (exact). Returns the final
+    latent, the same on every rank of a data replica. Ring and models whose output cannot be made patch by
+    patch are refused with the reason; ``model(...)`` per step keeps working for them."""
     from .runtime.pipefusion_displaced import DisplacedLoop
 
     target = model if isinstance(model, torch.nn.Module) else getattr(model, "transformer", None)
@@ -130,12 +135,14 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
     if par.pipefusion < 2:
         raise ValueError(f"pipefusion_denoise() needs parallel.pipefusion >= 2 (got {par.pipefusion}); "
                          "call the model per step instead")
-    others = {a: getattr(par, a) for a in ("ulysses", "ring", "cfg", "data") if getattr(par, a) > 1}
-    if others:
-        raise ValueError(f"pipefusion_denoise() supports parallel.pipefusion alone; this plan also has "
-                         f"{', '.join(f'{a}={v}' for a, v in others.items())}: call the model per step "
-                         "(the per-call schedule) for hybrids")
-    warm = plan.pipefusion.warmup_steps
+    if par.ring > 1:
+        raise ValueError(f"pipefusion_denoise() does not support parallel.ring={par.ring} yet (the displaced "
+                         "loop is verified with ulysses, cfg and data only): give that degree to ulysses, or "
+                         "call the model per step (the per-call schedule)")
+    if compiler.cfg_external and par.cfg > 1:
+        raise ValueError("pipefusion_denoise() runs the transformer of a batched-CFG call; this model is driven "
+                         "by a pipeline that runs the two CFG calls on two rank halves: call the pipeline")
+    warm = plan.pipefusion.warmup_steps if warmup_steps is None else int(warmup_steps)
     if warm < 1:
         raise ValueError("pipefusion_denoise() needs pipefusion.warmup_steps >= 1 (a full step fills the K/V "
                          "buffers)")
@@ -153,9 +160,13 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
     model_kwargs = dict(model_kwargs or {})
     reset_pipefusion(target)
     x, loop, runner = latents, None, None
+    saved = {}      # runner -> its warmup_steps (the first call of the loop may make the runner)
     try:
         with torch.no_grad():
             for i in range(steps):
+                for r in compiler.pipefusion_runners:
+                    saved.setdefault(r, r.warmup)
+                    r.warmup = warm
                 kw = {**model_kwargs, **step_kwargs(i), latent_kwarg: x}
                 if i < warm:
                     out = model(**kw)
@@ -167,19 +178,37 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
                         raise ValueError(f"pipefusion_denoise() needs the model in one captured graph; dynamo "
                                          f"made {len(runners)} (graph breaks)")
                     runner = runners[0]
-                    group = getattr(runner, "_latent_group", None)
-                    if group is None:       # collective over the world, once per model: every rank is here
-                        from .mesh import _timeout   # the same collective timeout as every other group
-                        group = runner._latent_group = torch.distributed.new_group(runner.p2p.ranks,
-                                                                                   timeout=_timeout())
-                    loop = runner.displaced = DisplacedLoop(runner, num_steps=steps, step_fn=step_fn,
-                                                            latent=x, latent_group=group)
+                    loop = runner.displaced = DisplacedLoop(runner, num_steps=steps, step_fn=step_fn, latent=x,
+                                                            latent_group=_latent_group(runner, compiler.dims),
+                                                            groups=_hybrid_groups(compiler.dims))
                 loop.i = i
                 model(**kw)
     finally:
+        for r, w in saved.items():
+            r.warmup = w
         if runner is not None:
             runner.displaced = None
     return x if loop is None else loop.result
+
+
+def _latent_group(runner, dims):
+    """The pipefusion axis again, on a communicator of its own (latent patches must not queue behind
+    activations between the same two ranks). Made once per model; a collective over the world."""
+    group = getattr(runner, "_latent_group", None)
+    if group is None:
+        group = runner._latent_group = dims.new_axis_group("pipefusion")
+    return group
+
+
+def _hybrid_groups(dims) -> dict:
+    groups = {}
+    if dims.axis_size("cfg") > 1:
+        groups["cfg"] = dims.get_group("cfg")
+    if dims.sp_enabled:
+        groups["sp"] = dims.sp_group
+    if "cfg" in groups or "sp" in groups:
+        groups["replica"] = dims.get_group("replica")
+    return groups
 
 
 def unparallelize(model):

@@ -103,6 +103,18 @@ class ParallelDims:
         """The global ranks in this rank's ``axis`` group, in axis order."""
         return dist.get_process_group_ranks(self.get_group(axis))
 
+    def new_axis_group(self, axis: str) -> dist.ProcessGroup:
+        """A second process group along ``axis`` (same ranks as ``get_group(axis)``, its own communicator),
+        so two streams of messages between the same ranks do not queue behind each other. A collective over
+        the world: every rank must call it, in the same order."""
+        if axis not in ParallelConfig.AXES:
+            raise ValueError(f"unknown mesh axis {axis!r}; valid axes: {', '.join(ParallelConfig.AXES)}")
+        ranks = self.mesh.mesh
+        d = ParallelConfig.AXES.index(axis)
+        groups = ranks.movedim(d, -1).reshape(-1, ranks.shape[d]).tolist()
+        mine, _ = dist.new_subgroups_by_enumeration(groups, timeout=_timeout())
+        return mine
+
     @property
     def sp_group(self) -> dist.ProcessGroup:
         """The flattened ring x ulysses group (ring-major)."""

@@ -201,15 +201,15 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
                            ctx.attention_backend, ring_group, ring_sizes if ring_group else None)
 
     # --- patch programs ---------------------------------------------------------------------------------
-    patches, names, pieces, input_pieces, out_dtypes = [], None, [], [], []
+    patches, names, pieces, input_boxes, out_dtypes = [], None, [], [], []
     for m in range(num_patches):
         g = copy_graph(gm)
         names = truncate(g)
         pctx, fctx = shard_patch(g, ctx, m, num_patches)
         out_args = next(n for n in g.graph.nodes if n.op == "output").args[0]
         pieces.append([_piece(pctx, fctx, a, local) for a, local in zip(out_args, pctx.local_outputs)])
-        # where each input's patch-m slice sits (the displaced loop feeds the latent patch by patch)
-        input_pieces.append([_input_piece(pctx, fctx, p) for p in g.graph.nodes if p.op == "placeholder"])
+        # what patch m reads of each input (the displaced loop feeds the latent patch by patch)
+        input_boxes.append([_input_box(pctx, p) for p in g.graph.nodes if p.op == "placeholder"])
         out_dtypes = [getattr(a.meta.get("example_value"), "dtype", None) if isinstance(a, fx.Node) else None
                       for a in out_args]
         for i, n in enumerate(_attention_nodes(g)):
@@ -279,9 +279,8 @@ def build_pipefusion(gm: fx.GraphModule, example_inputs, ctx, run_core, *, num_p
     runner = PipeFusionRunner(full=full, patches=patches, assemble=assemble, epilogue_inputs=epi, stage=stage,
                               num_stages=n_stages, warmup_steps=warmup_steps, p2p=p2p, out_meta=out_meta,
                               report=report)
-    # input index -> (dim, [positions of patch m]) for inputs cut into patches at the source
-    runner.input_patches = {j: (input_pieces[0][j][0], [ip[j][1] for ip in input_pieces])
-                            for j in range(len(input_pieces[0])) if input_pieces[0][j][0] is not None}
+    runner.input_boxes = {j: [ib[j] for ib in input_boxes] for j in range(len(input_boxes[0]))
+                          if input_boxes[0][j]}
     runner.assemble_dtypes = out_dtypes
     return runner, set(free), report
 
@@ -308,10 +307,13 @@ def _piece(pctx, fctx, a, local: bool):
     return where[0], where[1], tuple(shape)
 
 
-def _input_piece(pctx, fctx, p):
-    if pctx.an.dims.get(p) is None or td._shape(p) is None:
-        return None, None, None
-    return _piece(pctx, fctx, p, True)
+def _input_box(pctx, p) -> dict:
+    """{dim: (axes, positions in the whole input)} for the dims of input ``p`` that patch m reads in part."""
+    dims = pctx.an.dims.get(p)
+    if not isinstance(dims, list) or td._shape(p) is None:
+        return {}
+    return {i: (pctx.axes_of(c), torch.tensor(pctx.positions(c), dtype=torch.long))
+            for i, c in enumerate(dims) if pctx.sharded(c)}
 
 
 def _patch_tokens(pieces, names) -> list[int]:

@@ -236,7 +236,9 @@ class PipeFusionRunner:
         self.calls = 0
         self.bytes_per_call: dict[str, int] = {}   # "full" / "patch" -> P2P bytes this rank sent in its last call
         self.displaced = None     # a DisplacedLoop while api.pipefusion_denoise runs: it takes the patch calls
-        self.input_patches: dict = {}   # input index -> (dim, [positions of patch m]); set by the pass
+        # input index -> per patch {dim: (mesh axes, positions of the whole input this rank reads)}; set by
+        # the pass for inputs cut into patches at the source (the displaced loop steps the latent by them)
+        self.input_boxes: dict = {}
 
     def reset(self) -> None:
         """A new denoising loop: the next ``warmup_steps`` calls run in full again."""
