@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_final.sh pipefusion cache1     # ~9 min on 4 x H100
 #   bash benchmarks/gpu_final.sh cache4 profile        # ~7 min
 # Parts: pipefusion (1024 then 2048: 1 GPU, pipefusion=4, pipefusion=2 x ulysses=2, ulysses=4; 28-step loops),
+# hybrid2048 (2048²: pipefusion=2 x ulysses=2 per-call and displaced, pipefusion=2 x ring=2 per-call, ~4 min),
 # displaced2048 (2048²: pipefusion=4 per-call and displaced loops on one model, ~3 min), pf8patches (2048²: 1 GPU and pipefusion=4 with 8 patches, the smaller fill/drain bubble; ~2 min),
 # cache1 / cache4 (none, fbcache, teacache at a forced skip rate, 1 and 4 GPUs), profile (FLUX 1024 ulysses 4,
 # Inductor + CUDA graphs). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
@@ -33,13 +34,16 @@ for part in "$@"; do
         --plans "${PLANS[@]}" --out $OUT/pipefusion_2048.json ;;
     displaced2048) run pf_displaced_2048 330 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check \
         --base-repeats 0 --plans pipefusion=4 --displaced --out $OUT/pf_displaced_2048.json ;;
+    hybrid2048) run pf_hybrid_2048 400 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check \
+        --base-repeats 0 --plans "pipefusion=2 x ulysses=2" "pipefusion=2 x ring=2" --displaced \
+        --out $OUT/pf_hybrid_2048.json ;;
     pf8patches) run pipefusion_2048_m8 300 $T 4 benchmarks/pipefusion_gpu.py --resolutions 2048 --no-check \
         --base-repeats 0 --plans pipefusion=4 --patches 8 --out $OUT/pipefusion_2048_m8.json ;;
     cache1) run cache_1 240 $T 1 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_1.json ;;
     cache4) run cache_4 300 $T 4 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_4.json ;;
     profile) run profile 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
         --cudagraphs --out $OUT/profile_flux1024.md ;;
-    *) echo "unknown part $part (pipefusion, displaced2048, pf8patches, cache1, cache4, profile)"; exit 2 ;;
+    *) echo "unknown part $part (pipefusion, displaced2048, hybrid2048, pf8patches, cache1, cache4, profile)"; exit 2 ;;
   esac
 done
 cat $OUT/rc.txt

@@ -59,7 +59,7 @@ FLUX_TINY = dict(patch_size=1, in_channels=8, out_channels=None, num_layers=2, n
 SIZES = {1024: dict(h=64, w=64, txt=512), 2048: dict(h=128, w=128, txt=512)}
 TINY_SIZES = {1024: dict(h=8, w=8, txt=16), 2048: dict(h=16, w=16, txt=16)}
 PLANS = {"pipefusion=4": {"pipefusion": 4}, "pipefusion=2 x ulysses=2": {"pipefusion": 2, "ulysses": 2},
-         "ulysses=4": {"ulysses": 4}}
+         "pipefusion=2 x ring=2": {"pipefusion": 2, "ring": 2}, "ulysses=4": {"ulysses": 4}}
 
 
 def build(cfg, device, dtype):
