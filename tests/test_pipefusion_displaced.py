@@ -5,7 +5,7 @@ unparallelized (the reference), then ``pipefusion_denoise`` on the parallelized 
 loop (``model(...)`` per step, the same step_fn) on the same model, then ``pipefusion_denoise`` again with
 ``warmup_steps = STEPS``. With warm-up = all steps the loop is the plain loop (exact); with the plan's
 warm-up it uses stale K/V and must match the per-call loop (the K/V staleness of the two schedules is the
-same) and stay close to the reference. Hybrids (pipefusion=2 x ulysses / cfg / data = 2): with cfg the
+same) and stay close to the reference. Hybrids (pipefusion=2 x ulysses / ring / cfg / data = 2): with cfg the
 latent is the batched [uncond, cond] pair and the step applies guidance; with data each replica denoises
 its own latent.
 
@@ -115,7 +115,7 @@ def _run_cases(rank, world_size, cases):
 
 
 HYBRIDS = {"ulysses": {"pipefusion": 2, "ulysses": 2}, "cfg": {"pipefusion": 2, "cfg": 2},
-           "data": {"pipefusion": 2, "data": 2}}
+           "data": {"pipefusion": 2, "data": 2}, "ring": {"pipefusion": 2, "ring": 2}}
 GROUPS = {   # name -> (world size, cases); one run_distributed call per group, pools reused per world size
     "2": (2, {
         "pf2_M2": {"parallel": {"pipefusion": 2}, "patches": 2, "warmup": 1},
@@ -127,7 +127,7 @@ GROUPS = {   # name -> (world size, cases); one run_distributed call per group, 
         "pf4_M8": {"parallel": {"pipefusion": 4}, "patches": 8, "warmup": 2},
         "pf4_M2": {"parallel": {"pipefusion": 4}, "patches": 2, "warmup": 1},
     }),
-    # pipefusion=2 x {ulysses, cfg, data}=2: 4 ranks, in the CI tier (the hybrids exist only at 4 ranks)
+    # pipefusion=2 x {ulysses, ring, cfg, data}=2: 4 ranks, in the CI tier (the hybrids exist only at 4 ranks)
     "4_hybrid": (4, {f"pf2_{h}": {"parallel": p, "patches": 2, "warmup": 1, "blocks": 1}
                      for h, p in HYBRIDS.items()}),
 }

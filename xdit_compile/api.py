@@ -135,10 +135,6 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
     if par.pipefusion < 2:
         raise ValueError(f"pipefusion_denoise() needs parallel.pipefusion >= 2 (got {par.pipefusion}); "
                          "call the model per step instead")
-    if par.ring > 1:
-        raise ValueError(f"pipefusion_denoise() does not support parallel.ring={par.ring} yet (the displaced "
-                         "loop is verified with ulysses, cfg and data only): give that degree to ulysses, or "
-                         "call the model per step (the per-call schedule)")
     if compiler.cfg_external and par.cfg > 1:
         raise ValueError("pipefusion_denoise() runs the transformer of a batched-CFG call; this model is driven "
                          "by a pipeline that runs the two CFG calls on two rank halves: call the pipeline")

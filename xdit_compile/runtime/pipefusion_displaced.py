@@ -29,8 +29,8 @@ The epilogue runs per patch: ``check_epilogue`` verifies once per loop (on rando
 epilogue run on a patch gives the whole-sequence epilogue's rows at the patch's latent positions (token-local,
 output laid out like the latent), and every rank refuses the loop with the reason otherwise.
 
-Hybrids (pipefusion x ulysses / cfg / data). A rank's *box* for patch m is the part of the latent its patch
-program reads: the patch's tokens inside its sequence-parallel (``sp``) shard, and with a cfg split the batch
+Hybrids (pipefusion x ulysses / ring / cfg / data). A rank's *box* for patch m is the part of the latent its patch
+program reads: the patch's tokens inside its sequence-parallel (``sp`` = ring x ulysses) shard, and with a cfg split the batch
 rows of its cfg half (``PipeFusionRunner.input_boxes``). Latent patches travel on the pipefusion axis only:
 the last stage's rank with coordinates (data d, cfg c, sp j) sends its box to the rank (d, c, j) of every
 other stage, so a rank's copy of the latent is current inside its boxes only (a check at setup runs each
