@@ -32,7 +32,7 @@ Rows per resolution:
   <plan> displaced  (--displaced, pipefusion plans, hybrids included) the same warm-up-1 model through
                xdit_compile.pipefusion_denoise: the last stage steps each latent patch and sends it to stage 0,
                so steps overlap (no fill/drain per step); time = the median of --repeats loops after one
-Plans: pipefusion=4 (4 patches), pipefusion=2 x ulysses=2 (2 patches), and ulysses=4 (the sequence-parallel
+Plans: pipefusion=4 (4 patches), pipefusion=2 x ulysses=2 and pipefusion=2 x ring=2 (2 patches), and ulysses=4 (the sequence-parallel
 row in the same run, for comparison); --patches overrides the count, --plans picks rows.
 Rel err = ||x_final - x_final_1gpu|| / ||x_final_1gpu|| of the final latent.
 Writes a markdown table to stdout and JSON (all rows) to --out.
@@ -211,7 +211,7 @@ class Bench:
                     self.add(res, label, self.world, times, first, err,
                              dict(patches=patches, warmup_steps=warm if pf else None, param_gib_rank0=params / 2**30,
                                   peak_gib_rank0=peak, allocated_gib_rank0=alloc))
-                    if a.displaced and warm == 1 and pf and par.get("ring", 1) == 1:
+                    if a.displaced and warm == 1 and pf:
                         with torch.no_grad():
                             # same model, already compiled; the first displaced loop makes the latent group
                             first, times, x = self.timed_loop(m, kw, a.steps, loop=displaced)
