@@ -1,0 +1,83 @@
+"""Attention kernels that return the log-sum-exp (what each ring step needs), on one GPU (issue 4).
+
+    python benchmarks/lse_kernels.py [--out lse_kernels.md]
+
+For the per-step shapes of a ring step of FLUX.1-dev (24 heads x 128; ring 4 at 1024² and 2048², and
+ring 2 x ulysses 2 at 2048²) times torch's flash kernel (`_scaled_dot_product_flash_attention`, what
+runtime/_lse.py uses on CUDA) against cuDNN's (`_scaled_dot_product_cudnn_attention`, compute_log_sumexp),
+bf16, and checks both against a float32 reference (out and lse) on a cut of the rows. Median of 20 CUDA-event
+timings after 3 warm-up calls.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+SHAPES = {  # name -> (B, H, S_q, S_kv, D): one ring step (local queries vs one rank's K/V block)
+    "flux1024 ring4": (1, 24, 1152, 1152, 128),
+    "flux2048 ring4": (1, 24, 4224, 4224, 128),
+    "flux2048 u2xr2": (1, 12, 8448, 8448, 128),
+}
+
+
+def flash(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out, lse
+
+
+def cudnn(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    return out, (lse[..., 0] if lse.dim() == 4 else lse)
+
+
+def timed(fn, *args, n=20):
+    for _ in range(3):
+        fn(*args)
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*args)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    lines = [f"# LSE attention kernels, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+             "| shape (B, H, Sq, Skv, D) | kernel | ms | TFLOP/s | out rel err | lse max abs err |",
+             "|---|---|---|---|---|---|"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (b, h, sq, sk, d) in SHAPES.items():
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(b, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(b, h, sk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        rows = 256   # reference on the first rows only (float32 scores of all rows would be large)
+        s = (q[:, :, :rows].float() @ k.float().transpose(-1, -2)) / d ** 0.5
+        ref_lse = torch.logsumexp(s, -1)
+        ref_out = torch.softmax(s, -1) @ v.float()
+        flops = 4 * b * h * sq * sk * d
+        for kname, fn in (("flash", flash), ("cudnn", cudnn)):
+            try:
+                out, lse = fn(q, k, v)
+                err = ((out[:, :, :rows].float() - ref_out).norm() / ref_out.norm()).item()
+                lerr = (lse[:, :, :rows].float() - ref_lse).abs().max().item()
+                ms = timed(fn, q, k, v)
+                lines.append(f"| {name} {(b, h, sq, sk, d)} | {kname} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
+                             f"{err:.2e} | {lerr:.2e} |")
+            except Exception as e:  # noqa: BLE001 - a kernel that can't run is a row, not a crash
+                lines.append(f"| {name} {(b, h, sq, sk, d)} | {kname} | - | - | - | {type(e).__name__}: "
+                             f"{str(e)[:80]} |")
+            print(lines[-1], flush=True)
+    if a.out:
+        open(a.out, "w").write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
