@@ -6,7 +6,8 @@ For the per-step shapes of a ring step of FLUX.1-dev (24 heads x 128; ring 4 at 
 ring 2 x ulysses 2 at 2048²) times torch's flash kernel (`_scaled_dot_product_flash_attention`, what
 runtime/_lse.py uses on CUDA) against cuDNN's (`_scaled_dot_product_cudnn_attention`, compute_log_sumexp),
 bf16, and checks both against a float32 reference (out and lse) on a cut of the rows. Median of 20 CUDA-event
-timings after 3 warm-up calls.
+timings after 3 warm-up calls. Then checks runtime/_lse.attention_with_lse (cuDNN first, flash, then
+mem-efficient) against its float32 math path on odd shapes and strided (B, S, H, D) storage, bf16 and fp16.
 """
 from __future__ import annotations
 
@@ -75,8 +76,34 @@ def main():
                 lines.append(f"| {name} {(b, h, sq, sk, d)} | {kname} | - | - | - | {type(e).__name__}: "
                              f"{str(e)[:80]} |")
             print(lines[-1], flush=True)
+    lines += ["", "attention_with_lse vs float32 math (out rel err, lse max abs err):", ""]
+    lines += check_attention_with_lse()
     if a.out:
         open(a.out, "w").write("\n".join(lines) + "\n")
+
+
+def check_attention_with_lse():
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from xdit_compile.runtime._lse import _math, attention_with_lse
+
+    torch.manual_seed(0)
+    out = []
+    for (b, h, sq, sk, d) in [(1, 6, 1152, 1152, 128), (2, 3, 77, 333, 64), (1, 4, 100, 4224, 128),
+                              (1, 2, 17, 9, 32), (1, 2, 64, 64, 72), (1, 2, 64, 64, 256)]:
+        for dt in (torch.bfloat16, torch.float16):
+            q = torch.randn(b, sq, h, d, device="cuda", dtype=dt).transpose(1, 2)   # strided BHSD views
+            k = torch.randn(b, h, sk, d, device="cuda", dtype=dt)
+            v = torch.randn(b, sk, h, d, device="cuda", dtype=dt).transpose(1, 2)
+            o, lse = attention_with_lse(q, k, v)
+            ro, rl = _math(q, k, v, None, None)
+            e = ((o.float() - ro.float()).norm() / ro.float().norm()).item()
+            le = (lse - rl).abs().max().item()
+            ok = e < 2e-2 and le < 1e-2 and lse.shape == rl.shape
+            out.append(f"- {(b, h, sq, sk, d)} {dt}: {e:.2e} {le:.2e} {'OK' if ok else 'BAD'}")
+            print(out[-1], flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -121,12 +121,20 @@ def _aten_cpu(q_BHSD, k_BHSD, v_BHSD, bias, scale):
 def _aten_cuda(q_BHSD, k_BHSD, v_BHSD, bias, scale):
     sq = q_BHSD.size(-2)
     if bias is None and q_BHSD.dtype in (torch.float16, torch.bfloat16):
+        # cuDNN first: 1.8x the flash kernel at Flux's ring-step shapes on H100, same out and lse
+        # (benchmarks/results/lse_kernels.md); flash where cuDNN refuses the shape.
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q_BHSD, k_BHSD, v_BHSD, None, True, 0.0, False, False, scale=scale)[:2]
+            return out, _lse_BHS(lse, sq)
+        except RuntimeError:
+            pass
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_BHSD, k_BHSD, v_BHSD, scale=scale)[:2]
             return out, lse
         except RuntimeError:  # e.g. a head dim flash does not support
             pass
-    # cuDNN is not used: for float32 it returned NaN without raising (torch 2.11, H100).
+    # cuDNN is not used for float32: it returned NaN without raising (torch 2.11, H100).
     # The mem-efficient kernel wants the bias materialised with its last dim 16-aligned in memory, as
     # F.scaled_dot_product_attention prepares it.
     if bias is not None:
