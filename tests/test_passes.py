@@ -125,3 +125,24 @@ def test_disabling_all_passes_leaves_the_graph_alone():
     for err, became, kinds, code in res:
         assert err < 1e-6 and became == [] and kinds == []
         assert "scaled_dot_product_attention" in code
+
+
+def test_mochi_spec_undone():
+    """parallelize() gives Mochi a masked-attention processor (models_registry/specs.py); unparallelize() gives
+    the original back, and the model computes what it computed before."""
+    from xdit_compile.models_registry.specs import apply_spec, undo_spec
+
+    case = MODELS["mochi"]
+    model = case.build()
+    kw = case.inputs()
+    before = {n: m.processor for n, m in model.named_modules() if type(m).__name__ == "MochiAttention"}
+    assert before
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    assert apply_spec(model)
+    assert all(type(m.processor).__name__ == "MaskedMochiAttnProcessor" for n, m in model.named_modules() if n in before)
+    undo_spec(model)
+    assert {n: m.processor for n, m in model.named_modules() if n in before} == before
+    assert not any(hasattr(m, "_xdit_orig_processor") for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**kw)[0], ref)

@@ -216,6 +216,8 @@ def unparallelize(model):
         raise ValueError("this model ran with parallel.pipefusion > 1, which dropped the other stages' parameters "
                          "on this rank; load the model again instead of unparallelizing it")
     target.forward = target._xdit_orig_forward
+    from .models_registry.specs import undo_spec
+    undo_spec(target)
     for a in ("_xdit_plan", "_xdit_compiler", "_xdit_orig_forward"):
         delattr(target, a)
     return model

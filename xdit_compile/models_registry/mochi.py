@@ -40,8 +40,21 @@ class MaskedMochiAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+def _set(m, processor) -> None:
+    m.set_processor(processor) if hasattr(m, "set_processor") else setattr(m, "processor", processor)
+
+
 def use_masked_attention(model) -> None:
     for m in model.modules():
         if type(m).__name__ == "MochiAttention":
-            m.set_processor(MaskedMochiAttnProcessor()) if hasattr(m, "set_processor") else \
-                setattr(m, "processor", MaskedMochiAttnProcessor())
+            if not hasattr(m, "_xdit_orig_processor"):
+                m._xdit_orig_processor = m.processor
+            _set(m, MaskedMochiAttnProcessor())
+
+
+def restore_attention(model) -> None:
+    """Undo use_masked_attention (unparallelize): each attention gets its original processor back."""
+    for m in model.modules():
+        if hasattr(m, "_xdit_orig_processor"):
+            _set(m, m._xdit_orig_processor)
+            del m._xdit_orig_processor
