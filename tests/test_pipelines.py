@@ -289,3 +289,16 @@ def test_cfg_kinds_agree_with_xdit_compile():
                "wan": "WanPipeline"}
     assert {classes[n] for n in TWO_CALL_CFG} <= set(TWO_CALL)
     assert not {classes[n] for n in BATCHED_CFG} & set(TWO_CALL)
+
+
+def test_per_step_times_pairs_alternating_cfg():
+    """`xdit-compile run` timing: with cfg = 2 on a two-call pipeline each rank returns a placeholder for one
+    call of every pair at once, so a step is the pair, not the median call."""
+    from types import SimpleNamespace
+
+    from xdit_compile.pipelines.run import per_step_times
+
+    calls = [0.5, 0.001, 0.4, 0.002]           # computed, placeholder, computed, placeholder
+    assert per_step_times(calls, SimpleNamespace(active=True)) == [0.501, 0.402]
+    assert per_step_times(calls, SimpleNamespace(active=False)) == calls   # CFG off: plain calls
+    assert per_step_times(calls, None) == calls
