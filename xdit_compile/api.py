@@ -107,8 +107,8 @@ def reset_pipefusion(model) -> None:
 
 def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=None, step_kwargs=None,
                        latent_kwarg: str = "hidden_states", warmup_steps: int | None = None):
-    """A whole denoising loop on a model parallelized with ``parallel.pipefusion`` (alone or with ulysses, cfg
-    or data), with the pipeline displaced across steps: the last stage steps each latent patch as it
+    """A whole denoising loop on a model parallelized with ``parallel.pipefusion`` (alone or with ulysses, ring,
+    cfg or data), with the pipeline displaced across steps: the last stage steps each latent patch as it
     finishes and sends it to the other stages, so stage 0 starts step i + 1 while the later stages finish
     step i (no fill/drain per step).
 
@@ -122,8 +122,8 @@ def pipefusion_denoise(model, latents, sigmas, model_kwargs=None, *, step_fn=Non
     both halves. It must work token by token. Default: flow-matching Euler ``x + (sigmas[i + 1] -
     sigmas[i]) * v`` in float32 (no guidance). The first ``pipefusion.warmup_steps`` steps (or
     ``warmup_steps``: for this loop only, no recompile) are per-call full steps (exact). Returns the final
-    latent, the same on every rank of a data replica. Ring and models whose output cannot be made patch by
-    patch are refused with the reason; ``model(...)`` per step keeps working for them."""
+    latent, the same on every rank of a data replica. Models whose output cannot be made patch by patch
+    are refused with the reason; ``model(...)`` per step keeps working for them."""
     from .runtime.pipefusion_displaced import DisplacedLoop
 
     target = model if isinstance(model, torch.nn.Module) else getattr(model, "transformer", None)
