@@ -7,6 +7,11 @@ so it must be exact too (this checks patch slicing, the KV buffer positions, P2P
 inexact regime (warmup 1 on a real loop) is measured on the built-in digits model (classifier accuracy), and
 bounded for pipefusion x ring on the tiny Flux (the same compiled programs rerun with warmup 1).
 
+``compile.lowering = "inductor"`` (the stage code compiled around the eager PFAttention calls): the same
+checks, the compiled pieces counted, and warm-up 1 compared with the eager programs' stale-KV error. In the
+slow tier: each rank compiles ~10 pieces cold, 1-2 min on 2 cores (tests/test_lower_around.py is the CI-tier
+check of the splitting and lazy lowering).
+
 Cost: 4-process runs are slow on 2 cores; each group is one run_distributed call (tiny models, 4 blocks).
 """
 from __future__ import annotations

@@ -108,6 +108,8 @@ def _run_case(case: dict) -> dict:
     # warm-up = all steps (for this loop, same trace): the plain loop, exact
     exact = xdit_compile.pipefusion_denoise(model, x0, sigmas, kw, step_fn=step, warmup_steps=STEPS)
     out["rel_exact"] = _rel(exact, ref)
+    low = model._xdit_compiler.reports[0]["pipefusion"].get("lowering")
+    out["lowered"] = None if low is None else (low.compiled, low.pieces)
     return out
 
 
@@ -169,6 +171,8 @@ def _cases():
 def test_warmup_all_steps_equals_plain_loop(group, key):
     for r in _results(group, key):
         assert r["rel_exact"] < EXACT_TOL, r["rel_exact"]
+        if "inductor" in key:    # every piece this rank runs was compiled, and ran
+            assert r["lowered"][0] == r["lowered"][1] > 0, r["lowered"]
 
 
 @pytest.mark.parametrize("group,key", _cases())

@@ -130,6 +130,7 @@ class XditCompiler:
 
     def _pipefusion(self, gm, example_inputs, ctx):
         import time
+        import warnings
 
         from .passes.pipefusion import build_pipefusion
         t0 = time.perf_counter()
@@ -139,7 +140,6 @@ class XditCompiler:
             warmup_steps=cfg.warmup_steps)
         ctx.timings["pipefusion"] = time.perf_counter() - t0
         lowering = self.plan.compile.lowering
-        import warnings
         if lowering == "inductor":
             # Inductor around the stateful PFAttention calls, each piece compiled on its first call
             pf["lowering"] = runner.lower(lowering)

@@ -18,7 +18,10 @@ Legend: ``_BHSD`` = (batch, heads, sequence, head dim). ``stage`` = a rank's ind
   full sequence through the stages in order (exact, fills the buffers); later calls run ``num_patches``
   patches through the stages, stage s on patch m while stage s + 1 is on patch m - 1. The last stage runs
   the epilogue and broadcasts the output to the other stages. While ``api.pipefusion_denoise`` runs a whole
-  loop, the later calls go to its ``DisplacedLoop`` instead (runtime/pipefusion_displaced.py).
+  loop, the later calls go to its ``DisplacedLoop`` instead (runtime/pipefusion_displaced.py). With
+  ``compile.lowering = "inductor"``, ``PipeFusionRunner.lower`` gives each partition this rank runs a stand-in
+  from ``lowering/around_modules.py`` (Inductor pieces around the eager PFAttention calls), which
+  ``Program.run_part`` calls instead of the eager submodule.
 """
 from __future__ import annotations
 
