@@ -226,7 +226,8 @@ class Program:
                 continue
             args = fx.node.map_arg(node.args, lambda a: env[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
-            mod = self.lowered.get(node.target) or getattr(self.top, node.target)
+            mod = self.lowered.get(node.target)
+            mod = getattr(self.top, node.target) if mod is None else mod
             env[node] = mod(*args, **kwargs)
             for u in node.users:
                 if u.target is operator.getitem:
