@@ -261,6 +261,8 @@ def test_pipefusion_inductor():
     per_rank = _check_inductor("inductor2", "flux_M2")
     eager = _results("inductor2", "flux_M2_eager")
     for rank, (r, e) in enumerate(zip(per_rank, eager)):
+        print(f"rank {rank}: rel err warm-up all {r['rel_full']:.1e}, patch step {r['rel_patch']:.1e}; warm-up 1 "
+              f"per step {[f'{x:.3e}' for x in r['rel_stale']]} (eager programs {[f'{x:.3e}' for x in e['rel_stale']]})")
         first, *later = r["rel_stale"]
         assert first < REL_TOL, (rank, r["rel_stale"])
         assert all(1e-6 < x < 0.05 for x in later), (rank, r["rel_stale"])
