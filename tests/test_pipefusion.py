@@ -7,6 +7,11 @@ so it must be exact too (this checks patch slicing, the KV buffer positions, P2P
 inexact regime (warmup 1 on a real loop) is measured on the built-in digits model (classifier accuracy), and
 bounded for pipefusion x ring on the tiny Flux (the same compiled programs rerun with warmup 1).
 
+``compile.lowering = "inductor"`` (the stage code compiled around the eager PFAttention calls): the same
+checks, the compiled pieces counted, and warm-up 1 compared with the eager programs' stale-KV error. In the
+slow tier: each rank compiles ~10 pieces cold, 1-2 min on 2 cores (tests/test_lower_around.py is the CI-tier
+check of the splitting and lazy lowering).
+
 Cost: 4-process runs are slow on 2 cores; each group is one run_distributed call (tiny models, 4 blocks).
 """
 from __future__ import annotations
@@ -60,8 +65,10 @@ def _run_case(case: dict) -> dict:
         ref, x_last = _loop(model, inputs, STEPS)
         ref_patch = ref[-1]
     plan = xdit_compile.Plan.from_dict({"parallel": case["parallel"],
-                                        "pipefusion": {"num_patches": case["patches"], "warmup_steps": STEPS}})
+                                        "pipefusion": {"num_patches": case["patches"], "warmup_steps": STEPS},
+                                        "compile": {"lowering": case.get("lowering", "eager")}})
     xdit_compile.parallelize(model, plan)
+    t0 = time.perf_counter()
     with torch.no_grad():
         outs, _ = _loop(model, inputs, STEPS)
         # step 3 again, now a patch step: stale K/V from the full step 3 with the same inputs
@@ -85,7 +92,12 @@ def _run_case(case: dict) -> dict:
         "max_block": max(sum(p.numel() for p in blk.parameters())
                          for name in blocks for blk in model.get_submodule(name)),
         "explain": xdit_compile.explain(model),
+        "seconds": time.perf_counter() - t0,
     }
+    low = model._xdit_compiler.reports[0]["pipefusion"].get("lowering")
+    if low is not None:
+        out["lowering"] = dataclasses.asdict(low)
+        out["fxgraph_cache"] = {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "fxgraph" in k}
     if case.get("stale"):
         # The same compiled programs with warmup_steps = 1: steps 2 and 3 attend over stale K/V.
         runner.warmup = 1
@@ -126,6 +138,21 @@ GROUPS = {
     "ring4": (4, {
         "flux_ring2_M2": {"model": "flux", "parallel": {"pipefusion": 2, "ring": 2}, "patches": 2, "stale": True},
         "flux_ring2_M4": {"model": "flux", "parallel": {"pipefusion": 2, "ring": 2}, "patches": 4},
+    }),
+    # compile.lowering = inductor: the stage code compiled around the eager PFAttention calls
+    # (one block of each kind, so a stage is one block: each compile costs seconds on a 2-core CPU)
+    "inductor2": (2, {
+        "flux_M2": {"model": "flux", "parallel": {"pipefusion": 2}, "patches": 2, "lowering": "inductor",
+                    "stale": True, "config": {"num_layers": 1, "num_single_layers": 1}},
+        "flux_M2_eager": {"model": "flux", "parallel": {"pipefusion": 2}, "patches": 2, "stale": True,
+                          "config": {"num_layers": 1, "num_single_layers": 1}},
+    }),
+    "inductor2_slow": (2, {
+        "flux_M4": {"model": "flux", "parallel": {"pipefusion": 2}, "patches": 4, "lowering": "inductor"},
+    }),
+    "inductor4_slow": (4, {
+        "flux_ulysses2": {"model": "flux", "parallel": {"pipefusion": 2, "ulysses": 2}, "patches": 2,
+                          "lowering": "inductor"},
     }),
     "ring4_slow": (4, {
         "sd3_ring2_M2": {"model": "sd3", "parallel": {"pipefusion": 2, "ring": 2}, "patches": 2},
@@ -214,6 +241,39 @@ def test_pipefusion_ring_stale_kv():
         first, *later = r["rel_stale"]
         assert first < REL_TOL, (rank, r["rel_stale"])
         assert all(1e-6 < e < 0.05 for e in later), (rank, r["rel_stale"])
+
+
+def _check_inductor(group, key):
+    per_rank = _check(group, key, 2)
+    for rank, r in enumerate(per_rank):
+        low = r["lowering"]
+        print(f"rank {rank}: {low}, Inductor FX graph cache {r['fxgraph_cache']}, loop + patch step "
+              f"{r['seconds']:.1f} s")
+        # every piece this rank runs was compiled (its stage and prologue in full and patch programs)
+        assert low["compiled"] == low["pieces"] > 0 and low["eager_modules"] > 0, (rank, low)
+        assert f"{low['compiled']} of {low['pieces']} pieces" in r["explain"], r["explain"]
+    return per_rank
+
+
+@pytest.mark.slow  # XDIT_SLOW_TESTS=1 (about 2 min on 2 cores: each rank compiles ~10 pieces cold)
+def test_pipefusion_inductor():
+    """lowering inductor: exact with warm-up = all steps; with warm-up 1 the stale-KV error is the eager one's."""
+    per_rank = _check_inductor("inductor2", "flux_M2")
+    eager = _results("inductor2", "flux_M2_eager")
+    for rank, (r, e) in enumerate(zip(per_rank, eager)):
+        print(f"rank {rank}: rel err warm-up all {r['rel_full']:.1e}, patch step {r['rel_patch']:.1e}; warm-up 1 "
+              f"per step {[f'{x:.3e}' for x in r['rel_stale']]} (eager programs {[f'{x:.3e}' for x in e['rel_stale']]})")
+        first, *later = r["rel_stale"]
+        assert first < REL_TOL, (rank, r["rel_stale"])
+        assert all(1e-6 < x < 0.05 for x in later), (rank, r["rel_stale"])
+        assert all(abs(x - y) < REL_TOL for x, y in zip(r["rel_stale"], e["rel_stale"])), (r["rel_stale"],
+                                                                                              e["rel_stale"])
+
+
+@pytest.mark.slow  # XDIT_SLOW_TESTS=1
+@pytest.mark.parametrize("group,key", [("inductor2_slow", "flux_M4"), ("inductor4_slow", "flux_ulysses2")])
+def test_pipefusion_inductor_slow(group, key):
+    _check_inductor(group, key)
 
 
 def test_plan_keys():

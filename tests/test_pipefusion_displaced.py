@@ -89,7 +89,8 @@ def _run_case(case: dict) -> dict:
     ref = _plain_loop(mc.build(), x0, kw, sigmas, step)
     model = mc.build()
     plan = {"parallel": par,
-            "pipefusion": {"num_patches": case.get("patches", 2), "warmup_steps": case["warmup"]}}
+            "pipefusion": {"num_patches": case.get("patches", 2), "warmup_steps": case["warmup"]},
+            "compile": {"lowering": case.get("lowering", "eager")}}
     xdit_compile.parallelize(model, plan)
     try:
         x = xdit_compile.pipefusion_denoise(model, x0, sigmas, kw, step_fn=step)
@@ -107,6 +108,8 @@ def _run_case(case: dict) -> dict:
     # warm-up = all steps (for this loop, same trace): the plain loop, exact
     exact = xdit_compile.pipefusion_denoise(model, x0, sigmas, kw, step_fn=step, warmup_steps=STEPS)
     out["rel_exact"] = _rel(exact, ref)
+    low = model._xdit_compiler.reports[0]["pipefusion"].get("lowering")
+    out["lowered"] = None if low is None else (low.compiled, low.pieces)
     return out
 
 
@@ -130,8 +133,11 @@ GROUPS = {   # name -> (world size, cases); one run_distributed call per group, 
     # pipefusion=2 x {ulysses, ring, cfg, data}=2: 4 ranks, in the CI tier (the hybrids exist only at 4 ranks)
     "4_hybrid": (4, {f"pf2_{h}": {"parallel": p, "patches": 2, "warmup": 1, "blocks": 1}
                      for h, p in HYBRIDS.items()}),
+    # the stages lowered by Inductor around PFAttention (one block per stage: every piece compiles cold)
+    "2_inductor": (2, {"pf2_M2_inductor": {"parallel": {"pipefusion": 2}, "patches": 2, "warmup": 1, "blocks": 1,
+                                           "lowering": "inductor"}}),
 }
-SLOW = {"4"}
+SLOW = {"4", "2_inductor"}
 _RESULTS: dict = {}
 
 
@@ -153,7 +159,7 @@ def _results(group, key):
 
 
 def _param(group, *args):
-    """The 4-rank pipefusion-alone group (one more set of traces) runs in the slow tier."""
+    """The 4-rank pipefusion-alone group (one more set of traces) and the Inductor one run in the slow tier."""
     return pytest.param(group, *args, marks=[pytest.mark.slow] if group in SLOW else [])
 
 
@@ -165,6 +171,8 @@ def _cases():
 def test_warmup_all_steps_equals_plain_loop(group, key):
     for r in _results(group, key):
         assert r["rel_exact"] < EXACT_TOL, r["rel_exact"]
+        if "inductor" in key:    # every piece this rank runs was compiled, and ran
+            assert r["lowered"][0] == r["lowered"][1] > 0, r["lowered"]
 
 
 @pytest.mark.parametrize("group,key", _cases())

@@ -335,6 +335,11 @@ def _format_pipefusion(rep) -> list[str]:
         what = f"{b[0]} .. {b[-1]}" if len(b) > 1 else b[0]
         lines.append(f"  stage {st['rank']} (pipefusion rank {st['rank']}): {len(b)} blocks {what}, "
                      f"{st['params']:,} parameters")
+    low = pf.get("lowering")
+    if low is not None:
+        lines.append(f"  lowering {low.lowering}: {low.compiled} of {low.pieces} pieces of this rank's stage, prologue "
+                     f"and epilogue code compiled so far ({low.seconds:.1f} s; each on its first call), "
+                     f"{low.eager_modules} PFAttention calls and {low.eager_pieces} pieces without compute eager")
     if runner is not None and runner.bytes_per_call:
         for kind, b in runner.bytes_per_call.items():
             lines.append(f"  P2P bytes sent per {kind} step by this rank: {b:,}")

@@ -130,6 +130,7 @@ class XditCompiler:
 
     def _pipefusion(self, gm, example_inputs, ctx):
         import time
+        import warnings
 
         from .passes.pipefusion import build_pipefusion
         t0 = time.perf_counter()
@@ -138,10 +139,16 @@ class XditCompiler:
             gm, example_inputs, ctx, run_passes, num_patches=cfg.patches(ctx.dims.axis_size("pipefusion")),
             warmup_steps=cfg.warmup_steps)
         ctx.timings["pipefusion"] = time.perf_counter() - t0
-        if self.plan.compile.lowering != "eager":
-            import warnings
-            warnings.warn(f"xdit: pipefusion stages run eagerly (compile.lowering={self.plan.compile.lowering!r} "
-                          "is not applied to them in this version)", stacklevel=2)
+        lowering = self.plan.compile.lowering
+        if lowering == "inductor":
+            # Inductor around the stateful PFAttention calls, each piece compiled on its first call
+            pf["lowering"] = runner.lower(lowering)
+            if self.plan.compile.cudagraphs or self.plan.compile.overlap:
+                warnings.warn("xdit: compile.cudagraphs / compile.overlap are not applied to pipefusion stages in "
+                              "this version (their pieces are compiled by plain Inductor)", stacklevel=2)
+        elif lowering != "eager":
+            warnings.warn(f"xdit: pipefusion stages run eagerly (compile.lowering={lowering!r} is not applied "
+                          "to them in this version; use inductor)", stacklevel=2)
         self.free_ids |= free
         self.pipefusion_runners.append(runner)
         rep = _report(gm, ctx, len(self.reports))

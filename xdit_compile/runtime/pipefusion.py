@@ -18,7 +18,10 @@ Legend: ``_BHSD`` = (batch, heads, sequence, head dim). ``stage`` = a rank's ind
   full sequence through the stages in order (exact, fills the buffers); later calls run ``num_patches``
   patches through the stages, stage s on patch m while stage s + 1 is on patch m - 1. The last stage runs
   the epilogue and broadcasts the output to the other stages. While ``api.pipefusion_denoise`` runs a whole
-  loop, the later calls go to its ``DisplacedLoop`` instead (runtime/pipefusion_displaced.py).
+  loop, the later calls go to its ``DisplacedLoop`` instead (runtime/pipefusion_displaced.py). With
+  ``compile.lowering = "inductor"``, ``PipeFusionRunner.lower`` gives each partition this rank runs a stand-in
+  from ``lowering/around_modules.py`` (Inductor pieces around the eager PFAttention calls), which
+  ``Program.run_part`` calls instead of the eager submodule.
 """
 from __future__ import annotations
 
@@ -207,6 +210,15 @@ class Program:
             else:
                 self.name[node] = (out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out).name
         self.by_name = {v: k for k, v in self.name.items()}
+        self.lowered: dict[str, fx.GraphModule] = {}   # partition submodule name -> its lowered stand-in
+
+    def lower_parts(self, parts, lowering: str, stats) -> None:
+        """Run partitions ``parts`` through ``lower_around``: Inductor around the PFAttention calls. The
+        submodules in ``top`` stay as they were (the displaced loop reads the epilogue's graph)."""
+        from ..lowering.around_modules import lower_around
+        for p, node in self.calls:
+            if p in parts and node.target not in self.lowered:
+                self.lowered[node.target] = lower_around(getattr(self.top, node.target), lowering, stats)
 
     def run_part(self, p: int, env: dict) -> None:
         for q, node in self.calls:
@@ -214,7 +226,9 @@ class Program:
                 continue
             args = fx.node.map_arg(node.args, lambda a: env[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
-            env[node] = getattr(self.top, node.target)(*args, **kwargs)
+            mod = self.lowered.get(node.target)
+            mod = getattr(self.top, node.target) if mod is None else mod
+            env[node] = mod(*args, **kwargs)
             for u in node.users:
                 if u.target is operator.getitem:
                     env[u] = env[node][u.args[1]]
@@ -239,6 +253,16 @@ class PipeFusionRunner:
         # input index -> per patch {dim: (mesh axes, positions of the whole input this rank reads)}; set by
         # the pass for inputs cut into patches at the source (the displaced loop steps the latent by them)
         self.input_boxes: dict = {}
+
+    def lower(self, lowering: str):
+        """Lower the partitions this rank runs (its stage, the prologues, the last stage's epilogue), each
+        piece on its first call. Returns the live LoweringStats."""
+        from ..lowering.around_modules import LoweringStats
+        stats = LoweringStats(lowering=lowering)
+        mine = {0, self.stage + 1} | ({self.n + 1} if self.last else set())
+        for prog in (self.full, *self.patches):
+            prog.lower_parts(mine, lowering, stats)
+        return stats
 
     def reset(self) -> None:
         """A new denoising loop: the next ``warmup_steps`` calls run in full again."""
