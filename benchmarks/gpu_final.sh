@@ -7,7 +7,8 @@
 # hybrid2048 (2048²: pipefusion=2 x ulysses=2 per-call and displaced, pipefusion=2 x ring=2 per-call, ~4 min),
 # displaced2048 (2048²: pipefusion=4 per-call and displaced loops on one model, ~3 min), pf8patches (2048²: 1 GPU and pipefusion=4 with 8 patches, the smaller fill/drain bubble; ~2 min),
 # cache1 / cache4 (none, fbcache, teacache at a forced skip rate, 1 and 4 GPUs), profile (FLUX 1024 ulysses 4,
-# Inductor + CUDA graphs). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
+# Inductor + CUDA graphs), a2a (all-to-all bandwidth, NCCL settings, copy engine), profiletrace (profile +
+# chrome trace, gaps), profileops (Inductor without CUDA graphs: CPU ops by launched GPU time). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
 # the call ends with whatever finished. Results and logs go to $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -43,11 +44,18 @@ for part in "$@"; do
     cache4) run cache_4 300 $T 4 benchmarks/cache_gpu.py --lowering eager --repeat 1 --out $OUT/cache_gpu_4.json ;;
     profile) run profile 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
         --cudagraphs --out $OUT/profile_flux1024.md ;;
+    a2a) for v in "" "NCCL_P2P_NVL_CHUNKSIZE=2097152" "NCCL_MIN_P2P_NCHANNELS=32" "NCCL_PROTO=Simple"; do
+           run a2a_${v%%=*} 60 env $v $T 4 benchmarks/a2a_bw.py --out $OUT/a2a.json; done ;;
+    profiletrace) run profiletrace 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 \
+        --lowering inductor --cudagraphs --out $OUT/profile_flux1024_cg.md --trace $OUT/trace_flux1024_cg.json.gz ;;
+    profileops) run profileops 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 \
+        --lowering inductor --ops --out $OUT/profile_flux1024_ops.md ;;
     *) echo "unknown part $part (pipefusion, displaced2048, hybrid2048, pf8patches, cache1, cache4, profile)"; exit 2 ;;
   esac
 done
 cat $OUT/rc.txt
 grep -h "^\[row\]\|^|" $OUT/pipefusion_*.log 2>/dev/null | tail -n 20
 grep -h "^{'method'\|^|" $OUT/cache_*.log 2>/dev/null
-cat $OUT/profile_flux1024.md 2>/dev/null
+cat $OUT/profile_flux1024*.md 2>/dev/null
+grep -h "^{" $OUT/a2a_*.log 2>/dev/null
 exit 0

@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.md")
+    ap.add_argument("--trace", default="", help="also write rank 0's chrome trace here (.json.gz)")
+    ap.add_argument("--ops", action="store_true", help="add the CPU ops that launched the most GPU time "
+                    "(with input shapes; meaningful without --cudagraphs, where kernels keep their launcher)")
     args = ap.parse_args()
 
     import torch
@@ -76,8 +79,23 @@ def main():
             m(**inputs)
         sync()
         dist.barrier()
+        # CPU time of one call (no sync): above the GPU time, the step is launch-bound
+        cpu_ms = []
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            m(**inputs)
+            cpu_ms.append((time.perf_counter() - t) * 1e3)
+            sync()
+        sync()
+        t = time.perf_counter()
+        for _ in range(5):
+            m(**inputs)
+        sync()
+        loop_ms = (time.perf_counter() - t) / 5 * 1e3
+        dist.barrier()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=args.ops) as prof:
             t = time.perf_counter()
             for _ in range(args.steps):
                 m(**inputs)
@@ -101,10 +119,22 @@ def main():
         for k, us in sorted(per.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {k} | {us / 1e3:.1f} | {us / 1e3 / wall:.0%} |")
         lines.append(f"| idle (GPU waits) | {max(wall - busy, 0):.1f} | {max(wall - busy, 0) / wall:.0%} |")
+        lines += ["", f"CPU time of one call (no sync, median of 5): {sorted(cpu_ms)[2]:.1f} ms; "
+                  f"5 calls back to back: {loop_ms:.1f} ms/call (unprofiled)"]
+        lines += gaps(prof, device, args.steps)
+        if args.ops:
+            lines += ["", "CPU ops by the GPU time they launched (self), top 25:", "",
+                      "| op | input shapes | calls/step | GPU ms/step |", "|---|---|---|---|"]
+            for e in sorted(prof.key_averages(group_by_input_shape=True),
+                            key=lambda e: -e.self_device_time_total)[:25]:
+                lines.append(f"| `{e.key[:60]}` | `{str(e.input_shapes)[:100]}` | {e.count / args.steps:.0f} | "
+                             f"{e.self_device_time_total / 1e3 / args.steps:.2f} |")
         lines += ["", "Top kernels:", "", "| kernel | kind | ms/step |", "|---|---|---|"]
         for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:15]:
             lines.append(f"| `{name[:90]}` | {kind(name)} | {us / 1e3:.2f} |")
         text = "\n".join(lines) + "\n"
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
         print(text, flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -113,6 +143,33 @@ def main():
     # until the time limit; nothing is left to communicate, so every rank just leaves.
     sys.stdout.flush()
     os._exit(0)
+
+
+def gaps(prof, device, steps):
+    """Where the GPU sat idle: gaps between consecutive kernels on rank 0's device (any stream)."""
+    if device.type != "cuda":
+        return []
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    out, end, prev = [], None, None
+    for start, stop, name in ks:
+        if end is not None and start - end > 5:   # us
+            out.append((start - end, prev, name))
+        if end is None or stop > end:
+            end, prev = stop, name
+    total = sum(g for g, _, _ in out) / 1e3 / steps
+    lines = ["", f"GPU gaps > 5 us between kernels: {len(out) / steps:.0f} per step, {total:.2f} ms/step; "
+             "the largest (us, kernel before -> kernel after):", ""]
+    for g, a, b in sorted(out, reverse=True)[:12]:
+        lines.append(f"- {g:.0f} us: `{a[:60]}` -> `{b[:60]}`")
+    buckets = {}
+    for g, a, b in out:
+        key = (a[:40], b[:40])
+        buckets[key] = buckets.get(key, 0.0) + g
+    lines += ["", "gap time by (kernel before, kernel after), top 8, ms/step:", ""]
+    for (a, b), g in sorted(buckets.items(), key=lambda kv: -kv[1])[:8]:
+        lines.append(f"- {g / 1e3 / steps:.2f}: `{a}` -> `{b}`")
+    return lines
 
 
 if __name__ == "__main__":
