@@ -62,11 +62,33 @@ def main():
     except Exception as e:  # noqa: BLE001
         if rank == 0:
             print(f"no symmetric memory: {e}")
+    import xdit_compile  # noqa: F401  (registers xdit::symm_all_to_all)
+    from xdit_compile.runtime import symm_a2a
+    gname = dist.group.WORLD.group_name
     for mb in args.sizes_mb:
         numel = int(mb * 2**20 / 2) // n * n
         x = torch.randn(numel, device=dev, dtype=torch.bfloat16)
         y = torch.empty_like(x)
         report("nccl all_to_all_single", mb, timed(lambda: dist.all_to_all_single(y, x)))
+        try:
+            xs = x.view(n, -1)
+            op = torch.ops.xdit.symm_all_to_all
+            ms = timed(lambda: op(xs, gname))
+            dist.all_to_all_single(y, x)
+            same = bool(torch.equal(op(xs, gname).view(-1), y)) and bool(torch.equal(op(xs, gname).view(-1), y))
+            g = torch.cuda.CUDAGraph()   # captured in a CUDA graph, as Inductor's cudagraphs replays it
+            with torch.cuda.graph(g):
+                z = op(xs, gname)
+            g.replay()
+            torch.cuda.synchronize()
+            same_graph = bool(torch.equal(z.view(-1), y))
+            ms_graph = timed(g.replay)
+            report("xdit.symm_all_to_all (Triton stores + barrier + copy out)", mb, ms,
+                   {"equal_to_nccl": same, "symm_path": symm_a2a.available(gname, dev)})
+            report("xdit.symm_all_to_all in a CUDA graph", mb, ms_graph, {"equal_to_nccl": same_graph})
+        except Exception as e:  # noqa: BLE001
+            if rank == 0:
+                print(f"xdit.symm_all_to_all failed: {type(e).__name__}: {e}"[:600], flush=True)
         if symm is not None:
             try:
                 buf = symm.empty(numel, dtype=torch.bfloat16, device=dev)

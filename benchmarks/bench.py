@@ -21,6 +21,8 @@ Methods:
   xdit_cg_op xdit_cg with compile.decompose_collectives = false: Ulysses stays the opaque xdit op (the path
              before issue 4's functional collectives; A/B against xdit_cg)  (N>1)
   xdit_cg_ov xdit_cg + compile.overlap = true (Inductor's reorder_for_compute_comm_overlap)  (N>1)
+  xdit_cg_sm xdit_cg with compile.all_to_all = "symm_mem" (Ulysses all-to-alls as Triton stores into the
+             peers' symmetric-memory buffers + a barrier, instead of NCCL)  (N>1)
   xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 5, 6: heads in K chunks, all-to-all of one chunk
              beside the attention of the previous one); xdit_cg_cKov the same + overlap  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
@@ -75,7 +77,8 @@ CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ul
 XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor"},
                 "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},
                 "xdit_cg": {"lowering": "inductor", "cudagraphs": True},
-                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True}, **CHUNKED}
+                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True},
+                "xdit_cg_sm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem"}, **CHUNKED}
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
 METHODS = [*MAIN_METHODS, "xfuser"]
@@ -83,7 +86,7 @@ DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, **{m: 100 for m in CHUNKED}, "diffusers": 40,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 90, **{m: 100 for m in CHUNKED}, "diffusers": 40,
          "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -165,7 +168,9 @@ def _decomposed_note(m):
     att = [a for r in m._xdit_compiler.reports for a in r["attention"] if "seq_sizes" in a]
     if not att:
         return ""
-    return f"all-to-all as functional collectives: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention"
+    how = "symm-mem all-to-all" if any("symm_all_to_all" in a.get("became", "") for a in att) else \
+        "all-to-all as functional collectives"
+    return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention"
 
 
 def row_key(model, method, n, d):
@@ -343,13 +348,15 @@ class Worker:
         ts = []
         for _ in range(self.args.iters):
             dist.barrier()
+            k = self.args.calls_per_sample
             if self.device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                out = self.call(fn, inputs)
+                for _ in range(k):   # back to back, as a denoising loop calls it: the CPU may run ahead
+                    out = self.call(fn, inputs)
                 b.record()
                 b.synchronize()
-                ts.append(a.elapsed_time(b))
+                ts.append(a.elapsed_time(b) / k)
             else:
                 t = time.perf_counter()
                 out = self.call(fn, inputs)
@@ -695,6 +702,7 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_ind": "xdit_compile (Inductor)", "xdit_cg": "xdit_compile (Inductor + CUDA graphs)",
                 "xdit_cg_op": "xdit_compile (Inductor + CUDA graphs, opaque all-to-all op)",
                 "xdit_cg_ov": "xdit_compile (Inductor + CUDA graphs + comm overlap)",
+                "xdit_cg_sm": "xdit_compile (Inductor + CUDA graphs, symm-mem all-to-all)",
                 **{m: f"xdit_compile (Inductor + CUDA graphs, {c['ulysses_chunks']} head chunks"
                       f"{' + comm overlap' if c['overlap'] else ''})" for m, c in CHUNKED.items()},
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",
@@ -711,7 +719,8 @@ def format_md(rows, meta):
              + (f"{tflops:.3g} TFLOP/s ({'512^3 on CPU' if tiny else '8192^3 torch.matmul on GPU 0'})"
                 if tflops else "?"),
              f"- command: `{meta.get('cmd', '?')}`",
-             "- ms/step: median of >= 5 CUDA-event timings of one transformer forward (2 warm-up calls), rank 0; "
+             f"- ms/step: median of >= 5 CUDA-event timings of {meta.get('calls_per_sample', 1)} transformer forward(s) "
+             "back to back / their number (2 warm-up calls), rank 0; "
              "speed-up over the 1-GPU eager row of the same model; floor frac = FLOPs / (N x matmul TFLOP/s) / "
              "time; peak mem = max over ranks of torch.cuda.max_memory_allocated (weights included); rel err = "
              "||out - ref|| / ||ref|| vs the 1-GPU eager output (Inductor rows: like-for-like vs the 1-GPU "
@@ -834,6 +843,7 @@ def driver(args):
     deadline = time.time() + args.budget_s if args.budget_s else 0
     meta = read_meta([args.out])
     meta.update(date=datetime.date.today().isoformat(), gpus=gpus, tiny=tiny, versions=versions(),
+                calls_per_sample=args.calls_per_sample,
                 cmd=" ".join([os.path.basename(sys.executable), *sys.argv]))
     if tiny or not torch.cuda.is_available():
         meta["gpu"] = "cpu"
@@ -891,7 +901,8 @@ def driver(args):
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
                        f"--master_port={free_port()}", os.path.abspath(__file__), "--worker",
                        "--models", model, "--methods", ",".join(gmethods), "--out", args.out,
-                       "--warmup", str(args.warmup), "--iters", str(args.iters)]
+                       "--warmup", str(args.warmup), "--iters", str(args.iters),
+                       "--calls-per-sample", str(args.calls_per_sample)]
                 if d is not None:
                     cmd += ["--degrees", json.dumps(d)]
                 if tiny:
@@ -953,6 +964,10 @@ def main():
     ap.add_argument("--png", default=None, help="plot path (default OUT/scaling.png)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--calls-per-sample", type=int, default=1,
+                    help="K: each timing = K forwards back to back between two CUDA events / K (a denoising "
+                         "loop's steady state: the CPU launches step i+1 while the GPU runs step i); 1 = one "
+                         "forward per timing, its launch latency included")
     ap.add_argument("--budget-s", type=float, default=0, help="driver: total seconds; 0 = no limit")
     ap.add_argument("--deadline", type=float, default=0, help="(internal) epoch seconds")
     ap.add_argument("--subrun-timeout", type=float, default=1800)

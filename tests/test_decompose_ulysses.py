@@ -24,6 +24,7 @@ from xdit_compile.passes.decompose_ulysses import ULYSSES_OP, decompose_ulysses_
 REL_TOL = 1e-4
 A2A = "_c10d_functional.all_to_all_single"
 ULYSSES = "xdit.ulysses_attention"
+SYMM = "xdit.symm_all_to_all"
 
 
 # --- unit: the pass on a hand-built graph -------------------------------------------------------------
@@ -71,6 +72,21 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
+def test_simple_decomposed_symm_mem():
+    gm, ctx = _graph((2, 4, 8, 16), (2, 4, 8, 16), [4, 4])
+    ctx.all_to_all = "symm_mem"
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    targets = _targets(gm)
+    assert targets.count(SYMM + ".default") == 2 and not any(t.startswith(A2A) for t in targets)
+    assert "wait_tensor" not in " ".join(targets)
+    assert "xdit.symm_all_to_all" in ctx.attention_report[0]["became"]
+    ctx.ulysses_chunks = 2
+    gm, _ = _graph((2, 4, 8, 16), (2, 4, 8, 16), [4, 4])
+    with pytest.raises(ValueError, match="ulysses_chunks"):
+        decompose_ulysses_pass(gm, ctx)
+
+
 @pytest.mark.parametrize("asked,used", [(2, 2), (3, 2), (4, 4), (8, 4)])   # 8 heads / 2 ranks = 4 local heads
 def test_head_chunks_pipelined(asked, used):
     gm, ctx = _graph((1, 8, 8, 16), (1, 8, 8, 16), [4, 4])
@@ -116,6 +132,8 @@ CASES = {
     "flux_chunks_overlap": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                             "compile": {"ulysses_chunks": 4, "overlap": True}},
     "wan": {"model": "wan", "size": {}, "compile": {}},
+    # symm_mem all-to-all: on CPU / gloo the op takes its all_to_all_single fallback (the Triton path is GPU-only)
+    "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
 }
 
 
@@ -141,6 +159,7 @@ def _run_case(case: dict) -> dict:
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
+        "n_symm": sum(t.startswith(SYMM) for t in targets),
         "n_decomposed": sum(bool(a.get("decomposed")) for a in attention),
         "explain": xc.explain(model),
     }
@@ -177,6 +196,14 @@ def test_decomposed_matches(key):
         assert r["n_op"] == 0, f"{key} rank {rank}: {r['n_op']} {ULYSSES} nodes left\n{r['explain']}"
         assert r["n_a2a"] > 0 and r["n_a2a"] == 2 * chunks * r["n_decomposed"], f"{key} rank {rank}: {r}"
         assert "decomposed" in r["explain"]
+
+
+def test_symm_mem_all_to_all_matches():
+    for rank, r in enumerate(_results("flux_symm")):
+        assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_op"] == 0 and r["n_a2a"] == 0, f"rank {rank}: {r}"
+        assert r["n_symm"] == 2 * r["n_decomposed"] > 0, f"rank {rank}: {r}"
+        assert SYMM in r["explain"]
 
 
 def test_decompose_off_keeps_op():

@@ -39,6 +39,7 @@ class CompileContext:
     lowering: str = "eager"            # plan.compile.lowering
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
+    all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
 
     @property
     def pipefusion(self) -> bool:
@@ -105,7 +106,8 @@ class XditCompiler:
                              cache_config=self.plan.cache, example_inputs=list(example_inputs),
                              model_class=self.model_class, lowering=self.plan.compile.lowering,
                              decompose_collectives=self.plan.compile.decompose_collectives,
-                             ulysses_chunks=self.plan.compile.ulysses_chunks)
+                             ulysses_chunks=self.plan.compile.ulysses_chunks,
+                             all_to_all=self.plan.compile.all_to_all)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

@@ -28,6 +28,9 @@ dim; the leading dim of what goes into an all-to-all is the destination rank, of
 No shape argument holds a size other than N, so the nodes are right for the LOCAL shapes the graph runs on
 (node meta keeps the full-size fake values, see README.md) and under dynamic shapes.
 
+compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
+``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
+
 Head chunks (compile.ulysses_chunks = C > 1): the h local heads are cut into C chunks of h / C, and the
 all-to-alls are issued so that communication runs beside attention: every chunk's q/k/v all-to-all is
 started first (NCCL runs them one after another on its own stream), then per chunk: wait, SDPA, start its
@@ -71,13 +74,15 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
         g = gm.graph
         chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
+        symm = getattr(ctx, "all_to_all", "nccl") == "symm_mem"
         with g.inserting_before(n):
-            out = _emit(g, q, k, v, scale, group, len(sizes), chunks)
+            out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
         n.replace_all_uses_with(out)
         g.erase_node(n)
         if rec is not None:
-            rec["became"] = f"{rec['became']} ({DECOMPOSED}{f', {chunks} head chunks' if chunks > 1 else ''})"
+            how = DECOMPOSED.replace("_c10d_functional", "xdit.symm_all_to_all") if symm else DECOMPOSED
+            rec["became"] = f"{rec['became']} ({how}{f', {chunks} head chunks' if chunks > 1 else ''})"
             rec["decomposed"] = True
         changed = True
     return changed
@@ -108,11 +113,13 @@ def _chunks(local_heads: int, asked: int) -> int:
     return max(c for c in range(1, max(1, min(asked, local_heads)) + 1) if local_heads % c == 0)
 
 
-def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1) -> fx.Node:
+def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: bool = False) -> fx.Node:
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
     def all_to_all(x):
+        if symm:
+            return call(torch.ops.xdit.symm_all_to_all.default, x, group)
         splits = [1] * num
         return call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, x, splits, splits, group))
 
@@ -120,6 +127,9 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1) -> fx.N
         return call(aten.clone.default, x, memory_format=torch.contiguous_format)
 
     if chunks > 1:
+        if symm:
+            raise ValueError("compile.all_to_all = \"symm_mem\" with compile.ulysses_chunks > 1 is not supported "
+                             "(the chunked pipeline starts NCCL all-to-alls without waiting); use one of them")
         return _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num, chunks)
     x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
     x = call(aten.unflatten.int, x, 2, [num, -1])                                 # (3, B, N, h, S, D)

@@ -154,6 +154,7 @@ class CompileConfig:
 
     SECTION: ClassVar[str] = "compile"
     LOWERINGS: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onediff")
+    ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("nccl", "symm_mem")
 
     lowering: str = "eager"
     """eager (run the rewritten graph as is), inductor (torch's compiler), onediff (optional package)."""
@@ -171,6 +172,10 @@ class CompileConfig:
     ulysses_chunks: int = 1
     """Inductor, decomposed Ulysses only: cut each attention's heads into this many chunks and pipeline them, so
     one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way)."""
+    all_to_all: str = "nccl"
+    """Decomposed Ulysses only: how its all-to-alls move data. nccl (``_c10d_functional.all_to_all_single``)
+    or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into the peers' symmetric-memory buffers
+    over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other)."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
@@ -183,6 +188,7 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
         _check_bool(f"{self.SECTION}.overlap", self.overlap)
         _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
+        _check_choice(f"{self.SECTION}.all_to_all", self.all_to_all, self.ALL_TO_ALLS)
         if self.overlap and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop overlap")

@@ -5,3 +5,4 @@ try:
 except ImportError:  # pragma: no cover - only while the module is being written
     pass
 from . import pipefusion  # noqa: F401,E402
+from . import symm_a2a  # noqa: F401,E402

@@ -1,0 +1,129 @@
+"""All-to-all through symmetric memory: one Triton kernel stores every rank's pieces straight into the peers'
+buffers over NVLink, a signal-pad barrier, a local copy out. A custom op, so Inductor lowers it as an opaque
+call and CUDA graphs capture it (kernels only, no host synchronisation).
+
+    y = torch.ops.xdit.symm_all_to_all(x, group_name)    # x (N, ...) contiguous; y[j] = rank j's x[rank]
+
+Same result as ``all_to_all_single(y, x, group=pg)`` with even splits. Why: NCCL's all-to-all moves a FLUX
+block's q/k/v (21 MB per rank at 1024², 4 x H100/H200) in ~120 us and its 7 MB output in ~100 us (about
+half the NVLink rate, a large fixed cost: `benchmarks/results/a2a_bw.md`); Ulysses issues two per block.
+
+Buffers: two symmetric buffers per (group, device, byte size), used alternately. A rank's stores into a
+peer's buffer for round m start after the barrier of round m - 1 (stream order), which every peer enters only
+after copying out round m - 2: so the buffer it writes was consumed. Consecutive rounds of different sizes are
+separated by a barrier as well. Buffers are allocated and exchanged (``rendezvous``, collective) on the first
+call of each size, which under Inductor's CUDA graphs is the eager warm-up before capture.
+
+Where symmetric memory is not available (CPU / gloo, a torch without it, no P2P between the GPUs) the op falls
+back to ``dist.all_to_all_single``; ``available(group_name, device)`` says which path runs. The barrier waits at
+most ``XDIT_TIMEOUT_S`` (300 s), then the kernel traps, so a dead peer ends the run instead of hanging it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["available", "symm_all_to_all"]
+
+_STATE: dict = {}
+_OK: dict = {}
+
+try:  # Triton is optional (CPU-only installs may lack it); without it the op uses NCCL / gloo
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _push_kernel(x_ptr, ptrs_ptr, dst_off, chunk, BLOCK: tl.constexpr):
+        # row j of x (chunk elements) -> rank j's buffer at element dst_off (this rank's slot)
+        pid = tl.program_id(0)
+        j = tl.program_id(1)  # destination rank
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < chunk
+        vals = tl.load(x_ptr + j.to(tl.int64) * chunk + offs, mask=mask)
+        base = tl.load(ptrs_ptr + j).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        tl.store(base + dst_off + offs, vals, mask=mask)
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def _timeout_ms() -> int:
+    raw = os.environ.get("XDIT_TIMEOUT_S", "300")
+    try:
+        return max(1, int(float(raw) * 1000))
+    except ValueError:
+        return 300_000
+
+
+def available(group_name: str, device: torch.device) -> bool:
+    """Whether symm_all_to_all takes the symmetric-memory path for this group on this device."""
+    key = (group_name, str(device))
+    if key not in _OK:
+        ok = device.type == "cuda" and triton is not None and os.environ.get("XDIT_SYMM_A2A", "1") != "0"
+        if ok:
+            try:
+                import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
+                pg = dist.distributed_c10d._resolve_process_group(group_name)
+                ranks = dist.get_process_group_ranks(pg)
+                me = torch.cuda.current_device()
+                # every peer GPU of this node must be reachable by loads / stores (NVLink or PCIe P2P)
+                ok = dist.get_world_size() <= torch.cuda.device_count() and all(
+                    torch.cuda.can_device_access_peer(me, r % torch.cuda.device_count())
+                    for r in ranks if r % torch.cuda.device_count() != me)
+            except Exception:  # noqa: BLE001
+                ok = False
+        _OK[key] = ok
+    return _OK[key]
+
+
+def _state(group_name: str, x: Tensor):
+    import torch.distributed._symmetric_memory as symm_mem
+    key = (group_name, x.device, x.dtype, x.numel())
+    st = _STATE.get(key)
+    if st is None:
+        bufs, hdls, ptrs = [], [], []
+        for _ in range(2):
+            buf = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
+            hdl = symm_mem.rendezvous(buf, group_name)
+            base = hdl.buffer_ptrs[hdl.rank]
+            offset_bytes = buf.data_ptr() - base
+            bufs.append(buf)
+            hdls.append(hdl)
+            ptrs.append((torch.tensor(hdl.buffer_ptrs, dtype=torch.int64, device=x.device),
+                         offset_bytes // x.element_size()))
+        st = _STATE[key] = {"bufs": bufs, "hdls": hdls, "ptrs": ptrs, "next": 0}
+    return st
+
+
+@torch.library.custom_op("xdit::symm_all_to_all", mutates_args=())
+def symm_all_to_all(x: Tensor, group_name: str) -> Tensor:
+    """x (N, ...) with N = group size; returns y (N, ...) with y[j] = x[rank] of rank j."""
+    pg = dist.distributed_c10d._resolve_process_group(group_name)
+    n = pg.size()
+    if x.size(0) != n:
+        raise ValueError(f"symm_all_to_all: x has {x.size(0)} rows, the group has {n} ranks")
+    x = x.contiguous()
+    if n == 1:
+        return x.clone()
+    if not available(group_name, x.device):
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, group=pg)
+        return y
+    st = _state(group_name, x)
+    i = st["next"]
+    st["next"] = 1 - i
+    hdl, buf = st["hdls"][i], st["bufs"][i]
+    ptrs, offset = st["ptrs"][i]
+    chunk = x.numel() // n
+    block = 4096
+    _push_kernel[(triton.cdiv(chunk, block), n)](x, ptrs, offset + hdl.rank * chunk, chunk, BLOCK=block,
+                                                 num_warps=8)
+    hdl.barrier(channel=i, timeout_ms=_timeout_ms())
+    return buf.view(x.shape).clone()
+
+
+@symm_all_to_all.register_fake
+def _(x: Tensor, group_name: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
