@@ -3,6 +3,7 @@
 # resumable; raw rows live in /tmp/xb on the machine and are copied to $OUT/raw after each phase).
 #   bash benchmarks/gpu_issue4.sh 1   # N=1 rows of all models side by side (one GPU each), then flux1024 at N=4
 #   bash benchmarks/gpu_issue4.sh 2   # flux2048, wan480, sd3cfg at N=4, flux1024 ring rows, compiled diffusers
+# CALLS=K: each timing is K forwards back to back / K (bench.py --calls-per-sample; default 1).
 # Needs the wheels in .whl/ (diffusers, importlib_metadata, xfuser, yunchang, distvae; see README.md).
 set -u
 PHASE=${1:?phase 1 or 2}
@@ -13,7 +14,7 @@ OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $OUT
 if [ -d benchmarks/results/bench_raw ] && [ ! -f $R/.seeded ]; then cp -rn benchmarks/results/bench_raw/. $R/; fi
 touch $R/.seeded
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
-B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny}"
+B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
 if [ "$PHASE" = 1 ]; then
