@@ -14,6 +14,10 @@ after copying out round m - 2: so the buffer it writes was consumed. Consecutive
 separated by a barrier as well. Buffers are allocated and exchanged (``rendezvous``, collective) on the first
 call of each size, which under Inductor's CUDA graphs is the eager warm-up before capture.
 
+Measured in a CUDA graph on 4 x H200 (`benchmarks/a2a_bw.py`): 7 MB 51 us (NCCL 86), 21 MB 115 us (NCCL 128),
+28 MB 154 (NCCL 143), 78 MB 422 (NCCL 317): the stores reach ~140 GB/s, NCCL's bandwidth is higher and its
+fixed cost larger, so sends above ``XDIT_SYMM_A2A_MAX_MB`` (24 MB) go to NCCL inside the op.
+
 Where symmetric memory is not available (CPU / gloo, a torch without it, no P2P between the GPUs) the op falls
 back to ``dist.all_to_all_single``; ``available(group_name, device)`` says which path runs. The barrier waits at
 most ``XDIT_TIMEOUT_S`` (300 s), then the kernel traps, so a dead peer ends the run instead of hanging it.
@@ -21,6 +25,7 @@ most ``XDIT_TIMEOUT_S`` (300 s), then the kernel traps, so a dead peer ends the 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -36,10 +41,11 @@ try:  # Triton is optional (CPU-only installs may lack it); without it the op us
     import triton.language as tl
 
     @triton.jit
-    def _push_kernel(x_ptr, ptrs_ptr, dst_off, chunk, BLOCK: tl.constexpr):
+    def _push_kernel(x_ptr, ptrs_ptr, dst_off, chunk, NUM_RANKS: tl.constexpr, BLOCK: tl.constexpr):
         # row j of x (chunk elements) -> rank j's buffer at element dst_off (this rank's slot)
-        pid = tl.program_id(0)
-        j = tl.program_id(1)  # destination rank
+        # destination rank fastest: the programs running at once store to every peer, not one peer at a time
+        j = tl.program_id(0) % NUM_RANKS
+        pid = tl.program_id(0) // NUM_RANKS
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < chunk
         vals = tl.load(x_ptr + j.to(tl.int64) * chunk + offs, mask=mask)
@@ -55,6 +61,11 @@ def _timeout_ms() -> int:
         return max(1, int(float(raw) * 1000))
     except ValueError:
         return 300_000
+
+
+def _max_bytes() -> int:
+    """Above this send size (XDIT_SYMM_A2A_MAX_MB, default 24) NCCL's all-to-all is as fast or faster."""
+    return int(float(os.environ.get("XDIT_SYMM_A2A_MAX_MB", "24")) * 2**20)
 
 
 def available(group_name: str, device: torch.device) -> bool:
@@ -79,22 +90,43 @@ def available(group_name: str, device: torch.device) -> bool:
 
 
 def _state(group_name: str, x: Tensor):
-    import torch.distributed._symmetric_memory as symm_mem
     key = (group_name, x.device, x.dtype, x.numel())
     st = _STATE.get(key)
     if st is None:
-        bufs, hdls, ptrs = [], [], []
-        for _ in range(2):
-            buf = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
-            hdl = symm_mem.rendezvous(buf, group_name)
-            base = hdl.buffer_ptrs[hdl.rank]
-            offset_bytes = buf.data_ptr() - base
-            bufs.append(buf)
-            hdls.append(hdl)
-            ptrs.append((torch.tensor(hdl.buffer_ptrs, dtype=torch.int64, device=x.device),
-                         offset_bytes // x.element_size()))
-        st = _STATE[key] = {"bufs": bufs, "hdls": hdls, "ptrs": ptrs, "next": 0}
+        # Allocate in another thread: under Inductor's CUDA graphs the first call is the warm-up, and what
+        # this thread allocates then lands in the graph's private memory pool, which must hold only tensors
+        # the graph returns ("tensors in the cudagraph pool not tracked as outputs").
+        box: dict = {}
+
+        def work():
+            try:
+                torch.cuda.set_device(x.device)
+                box["st"] = _allocate(group_name, x)
+                torch.cuda.synchronize(x.device)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+                box["err"] = e
+
+        t = threading.Thread(target=work, name="xdit-symm-a2a-alloc")
+        t.start()
+        t.join()
+        if "err" in box:
+            raise box["err"]
+        st = _STATE[key] = box["st"]
     return st
+
+
+def _allocate(group_name: str, x: Tensor) -> dict:
+    import torch.distributed._symmetric_memory as symm_mem
+    bufs, hdls, ptrs = [], [], []
+    for _ in range(2):
+        buf = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
+        hdl = symm_mem.rendezvous(buf, group_name)
+        offset_bytes = buf.data_ptr() - hdl.buffer_ptrs[hdl.rank]
+        bufs.append(buf)
+        hdls.append(hdl)
+        ptrs.append((torch.tensor(hdl.buffer_ptrs, dtype=torch.int64, device=x.device),
+                     offset_bytes // x.element_size()))
+    return {"bufs": bufs, "hdls": hdls, "ptrs": ptrs, "next": 0}
 
 
 @torch.library.custom_op("xdit::symm_all_to_all", mutates_args=())
@@ -107,7 +139,7 @@ def symm_all_to_all(x: Tensor, group_name: str) -> Tensor:
     x = x.contiguous()
     if n == 1:
         return x.clone()
-    if not available(group_name, x.device):
+    if not available(group_name, x.device) or x.numel() * x.element_size() > _max_bytes():
         y = torch.empty_like(x)
         dist.all_to_all_single(y, x, group=pg)
         return y
@@ -118,8 +150,8 @@ def symm_all_to_all(x: Tensor, group_name: str) -> Tensor:
     ptrs, offset = st["ptrs"][i]
     chunk = x.numel() // n
     block = 4096
-    _push_kernel[(triton.cdiv(chunk, block), n)](x, ptrs, offset + hdl.rank * chunk, chunk, BLOCK=block,
-                                                 num_warps=8)
+    _push_kernel[(triton.cdiv(chunk, block) * n,)](x, ptrs, offset + hdl.rank * chunk, chunk, NUM_RANKS=n,
+                                                   BLOCK=block, num_warps=8)
     hdl.barrier(channel=i, timeout_ms=_timeout_ms())
     return buf.view(x.shape).clone()
 
