@@ -87,6 +87,17 @@ def test_simple_decomposed_symm_mem():
         decompose_ulysses_pass(gm, ctx)
 
 
+def test_allgather_kv_decomposed():
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [8, 8])
+    ctx.all_to_all = "allgather_kv"
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    targets = _targets(gm)
+    assert targets.count("_c10d_functional.all_gather_into_tensor.default") == 1
+    assert not any(t.startswith(A2A) for t in targets) and str(ULYSSES_OP) not in targets
+    assert "all-gather of k, v" in ctx.attention_report[0]["became"]
+
+
 @pytest.mark.parametrize("asked,used", [(2, 2), (3, 2), (4, 4), (8, 4)])   # 8 heads / 2 ranks = 4 local heads
 def test_head_chunks_pipelined(asked, used):
     gm, ctx = _graph((1, 8, 8, 16), (1, 8, 8, 16), [4, 4])
@@ -134,6 +145,8 @@ CASES = {
     "wan": {"model": "wan", "size": {}, "compile": {}},
     # symm_mem all-to-all: on CPU / gloo the op takes its all_to_all_single fallback (the Triton path is GPU-only)
     "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
+    "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
+    "wan_agkv": {"model": "wan", "size": {}, "compile": {"all_to_all": "allgather_kv"}},
 }
 
 
@@ -160,6 +173,7 @@ def _run_case(case: dict) -> dict:
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
         "n_symm": sum(t.startswith(SYMM) for t in targets),
+        "n_ag": sum(t.startswith("_c10d_functional.all_gather_into_tensor") for t in targets),
         "n_decomposed": sum(bool(a.get("decomposed")) for a in attention),
         "explain": xc.explain(model),
     }
@@ -204,6 +218,14 @@ def test_symm_mem_all_to_all_matches():
         assert r["n_op"] == 0 and r["n_a2a"] == 0, f"rank {rank}: {r}"
         assert r["n_symm"] == 2 * r["n_decomposed"] > 0, f"rank {rank}: {r}"
         assert SYMM in r["explain"]
+
+
+@pytest.mark.parametrize("key", ["flux_agkv", "wan_agkv"])
+def test_allgather_kv_matches(key):
+    for rank, r in enumerate(_results(key)):
+        assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_op"] == 0 and r["n_a2a"] == 0, f"rank {rank}: {r}"
+        assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
 def test_decompose_off_keeps_op():

@@ -28,6 +28,10 @@ dim; the leading dim of what goes into an all-to-all is the destination rank, of
 No shape argument holds a size other than N, so the nodes are right for the LOCAL shapes the graph runs on
 (node meta keeps the full-size fake values, see README.md) and under dynamic shapes.
 
+compile.all_to_all = "allgather_kv": no all-to-all at all; one all-gather of k and v (token-major), then SDPA
+of this rank's queries over every key on all heads. Same result; it moves (N - 1) x 2 shards in one collective
+instead of 2 x (N - 1) / N x 4 shards in two, and the output needs no return trip.
+
 compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
 ``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
 
@@ -57,6 +61,7 @@ c10d = torch.ops._c10d_functional
 
 ULYSSES_OP = torch.ops.xdit.ulysses_attention.default
 DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
+ALLGATHER_KV = "decomposed: all-gather of k, v (_c10d_functional) + sdpa of the local queries on all heads"
 
 
 def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
@@ -74,14 +79,23 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
         g = gm.graph
         chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
-        symm = getattr(ctx, "all_to_all", "nccl") == "symm_mem"
+        mode = getattr(ctx, "all_to_all", "nccl")
+        symm = mode == "symm_mem"
         with g.inserting_before(n):
-            out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
+            if mode == "allgather_kv":
+                chunks = 1
+                out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
+            else:
+                out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
         n.replace_all_uses_with(out)
         g.erase_node(n)
         if rec is not None:
             how = DECOMPOSED.replace("_c10d_functional", "xdit.symm_all_to_all") if symm else DECOMPOSED
+            if mode == "allgather_kv":
+                how = ALLGATHER_KV
+                kv = k.meta["example_value"]   # full size: (B, H, L, D); each rank sends its k, v shard N - 1 times
+                rec["bytes"] = (len(sizes) - 1) * 2 * kv.numel() // len(sizes) * kv.element_size()
             rec["became"] = f"{rec['became']} ({how}{f', {chunks} head chunks' if chunks > 1 else ''})"
             rec["decomposed"] = True
         changed = True
@@ -143,6 +157,25 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     o = all_to_all(o)
     o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 0, 2, 3, 4]), 1, 2)    # (B, H, S, D)
     return contiguous(o)
+
+
+def _emit_allgather_kv(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
+    """Every rank gathers all keys and values (one all-gather) and attends its own queries on all heads.
+
+    k/v travel token-major, (B, S, 2, H, D), so for B = 1 the gathered (N * S, 2, H, D) is the whole sequence
+    in order and k, v are strided views of it (no copy); the output is already this rank's (B, H, S, D).
+    """
+    def call(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
+    kt, vt = (call(aten.transpose.int, x, 1, 2) for x in (k, v))                    # (B, S, H, D)
+    kv = call(aten.clone.default, call(aten.stack.default, [kt, vt], 2),
+              memory_format=torch.contiguous_format)                              # (B, S, 2, H, D)
+    y = call(c10d.wait_tensor.default, call(c10d.all_gather_into_tensor.default, kv, num, group))  # (N*B, S, 2, H, D)
+    y = call(aten.unflatten.int, y, 0, [num, -1])                                 # (N, B, S, 2, H, D)
+    y = call(aten.flatten.using_ints, call(aten.transpose.int, y, 0, 1), 1, 2)    # (B, L, 2, H, D)
+    kf, vf = (call(aten.transpose.int, call(aten.select.int, y, 2, i), 1, 2) for i in range(2))  # (B, H, L, D)
+    return call(F.scaled_dot_product_attention, q, kf, vf, scale=scale)
 
 
 def _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num: int, chunks: int) -> fx.Node:

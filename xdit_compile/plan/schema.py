@@ -154,7 +154,7 @@ class CompileConfig:
 
     SECTION: ClassVar[str] = "compile"
     LOWERINGS: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onediff")
-    ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("nccl", "symm_mem")
+    ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("nccl", "symm_mem", "allgather_kv")
 
     lowering: str = "eager"
     """eager (run the rewritten graph as is), inductor (torch's compiler), onediff (optional package)."""
@@ -175,7 +175,9 @@ class CompileConfig:
     all_to_all: str = "nccl"
     """Decomposed Ulysses only: how its all-to-alls move data. nccl (``_c10d_functional.all_to_all_single``)
     or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into the peers' symmetric-memory buffers
-    over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other)."""
+    over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other), or
+    allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
+    heads; fewer, larger transfers, no return trip)."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
