@@ -171,6 +171,10 @@ class CompileConfig:
     ulysses_chunks: int = 1
     """Inductor, decomposed Ulysses only: cut each attention's heads into this many chunks and pipeline them, so
     one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way)."""
+    shard_modulation: bool = True
+    """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
+    linears (AdaLN ``linear(silu(temb))``, the same on every rank) and one all-gather shares them, so each rank
+    reads 1/N of their weights; false computes them whole on every rank."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
@@ -182,6 +186,7 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
         _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
         _check_bool(f"{self.SECTION}.overlap", self.overlap)
+        _check_bool(f"{self.SECTION}.shard_modulation", self.shard_modulation)
         _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
         if self.overlap and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
