@@ -25,6 +25,8 @@ Methods:
              peers' symmetric-memory buffers + a barrier, instead of NCCL)  (N>1)
   xdit_cg_ag xdit_cg with compile.all_to_all = "allgather_kv" (one all-gather of k, v per attention, local
              queries on all heads, instead of the two all-to-alls)  (N>1)
+  xdit_cg_nomod  xdit_cg with compile.shard_modulation = false: every rank computes the AdaLN modulation linears
+             whole (A/B against xdit_cg, which splits them by rows with one all-gather)  (N>1)
   xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 5, 6: heads in K chunks, all-to-all of one chunk
              beside the attention of the previous one); xdit_cg_cKov the same + overlap  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
@@ -81,7 +83,10 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg": {"lowering": "inductor", "cudagraphs": True},
                 "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True},
                 "xdit_cg_sm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem"},
-                "xdit_cg_ag": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "allgather_kv"}, **CHUNKED}
+                "xdit_cg_ag": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "allgather_kv"},
+                "xdit_cg_nomod": {"lowering": "inductor", "cudagraphs": True, "shard_modulation": False},
+                "xdit_cg_smnm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem",
+                                 "shard_modulation": False}, **CHUNKED}
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
 METHODS = [*MAIN_METHODS, "xfuser"]
@@ -89,8 +94,8 @@ DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, **{m: 100 for m in CHUNKED}, "diffusers": 40,
-         "diffusers_ind": 100, "xfuser": 40}
+         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
+         **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
 
@@ -168,13 +173,16 @@ def methods_for(n, methods):
 
 def _decomposed_note(m):
     """How many sequence-parallel attentions Inductor got as functional all-to-alls (compile.decompose_collectives)."""
-    att = [a for r in m._xdit_compiler.reports for a in r["attention"] if "seq_sizes" in a]
+    reps = m._xdit_compiler.reports
+    att = [a for r in reps for a in r["attention"] if "seq_sizes" in a]
+    mod = [g for r in reps for g in r.get("modulation", ())]
+    mod = (f"; modulation: {sum(g['linears'] for g in mod)} linears sharded, {len(mod)} all-gather(s)" if mod else "")
     if not att:
-        return ""
+        return mod.lstrip("; ")
     became = " ".join(a.get("became", "") for a in att)
     how = ("symm-mem all-to-all" if "symm_all_to_all" in became else
            "all-gather k/v" if "all-gather of k, v" in became else "all-to-all as functional collectives")
-    return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention"
+    return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention{mod}"
 
 
 def row_key(model, method, n, d):
@@ -708,6 +716,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_cg_ov": "xdit_compile (Inductor + CUDA graphs + comm overlap)",
                 "xdit_cg_sm": "xdit_compile (Inductor + CUDA graphs, symm-mem all-to-all)",
                 "xdit_cg_ag": "xdit_compile (Inductor + CUDA graphs, all-gather k/v)",
+                "xdit_cg_nomod": "xdit_compile (Inductor + CUDA graphs, modulation linears not sharded)",
+                "xdit_cg_smnm": "xdit_compile (Inductor + CUDA graphs, symm-mem all-to-all, modulation not sharded)",
                 **{m: f"xdit_compile (Inductor + CUDA graphs, {c['ulysses_chunks']} head chunks"
                       f"{' + comm overlap' if c['overlap'] else ''})" for m, c in CHUNKED.items()},
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",

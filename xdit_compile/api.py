@@ -296,6 +296,12 @@ def format_reports(reports) -> str:
                          f"{_sizes(a)}"
                          f"{f', {b:,} B sent' if b else ''}"
                          f"{_kept(a)}")
+        for m in rep.get("modulation", ()):
+            total += m["gather_bytes"]
+            lines.append(f"  modulation: {m['linears']} linear{'s' * (m['linears'] != 1)} of {m['input']} sharded over "
+                         f"{m['ranks']} sequence "
+                         f"ranks ({_human(m['weight_bytes'])} of weights -> {_human(m['weight_bytes'] // m['ranks'])}"
+                         f" per rank), one all-gather, {m['gather_bytes']:,} B sent")
         for e in rep["events"]:
             total += e.get("bytes", 0)
             if e["kind"] == "shard":
@@ -320,6 +326,13 @@ def format_reports(reports) -> str:
             lines.append("    residuals (exit value - entry value): "
                          + ", ".join(f"{o} - {m}" if m else f"{o} (cached whole)" for o, m in c["residuals"]))
     return "\n".join(lines)
+
+
+def _human(b: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size:
+            return f"{b / size:.1f} {unit}"
+    return f"{b} B"
 
 
 def _format_pipefusion(rep) -> list[str]:

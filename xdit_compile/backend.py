@@ -40,6 +40,8 @@ class CompileContext:
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
     all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
+    shard_modulation: bool = True      # plan.compile.shard_modulation
+    modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
 
     @property
     def pipefusion(self) -> bool:
@@ -107,7 +109,8 @@ class XditCompiler:
                              model_class=self.model_class, lowering=self.plan.compile.lowering,
                              decompose_collectives=self.plan.compile.decompose_collectives,
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
-                             all_to_all=self.plan.compile.all_to_all)
+                             all_to_all=self.plan.compile.all_to_all,
+                             shard_modulation=self.plan.compile.shard_modulation)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "
@@ -196,6 +199,7 @@ def _report(gm, ctx, index) -> dict:
         "units": unit_sizes,
         "cfg_batch": [an.classes.size[u] for u, a in ctx.unit_axis.items() if a == "cfg"] if an else [],
         "attention": ctx.attention_report,
+        "modulation": ctx.modulation_report,
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),

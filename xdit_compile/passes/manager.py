@@ -13,6 +13,7 @@ from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
+from .shard_modulation import shard_modulation_pass
 from .shard_sequence import Axis, ShardContext, shard_sequence_pass
 from .split_cfg import split_cfg_pass
 
@@ -36,6 +37,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
             passes.append(("split_cfg", split_cfg_pass))
         passes.append(("shard_sequence", _shard))
     if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
+        if getattr(ctx, "shard_modulation", True):
+            passes.append(("shard_modulation", shard_modulation_pass))
         passes.append(("rewrite_attention", rewrite_attention_pass))
         if ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1:
             passes.append(("decompose_ulysses", decompose_ulysses_pass))

@@ -178,6 +178,10 @@ class CompileConfig:
     over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other), or
     allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
     heads; fewer, larger transfers, no return trip)."""
+    shard_modulation: bool = True
+    """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
+    linears (AdaLN ``linear(silu(temb))``, the same on every rank) and one all-gather shares them, so each rank
+    reads 1/N of their weights; false computes them whole on every rank."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
@@ -189,6 +193,7 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
         _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
         _check_bool(f"{self.SECTION}.overlap", self.overlap)
+        _check_bool(f"{self.SECTION}.shard_modulation", self.shard_modulation)
         _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
         _check_choice(f"{self.SECTION}.all_to_all", self.all_to_all, self.ALL_TO_ALLS)
         if self.overlap and self.lowering != "inductor":
