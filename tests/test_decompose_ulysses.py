@@ -146,7 +146,6 @@ CASES = {
     # symm_mem all-to-all: on CPU / gloo the op takes its all_to_all_single fallback (the Triton path is GPU-only)
     "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
-    "wan_agkv": {"model": "wan", "size": {}, "compile": {"all_to_all": "allgather_kv"}},
 }
 
 
@@ -220,7 +219,7 @@ def test_symm_mem_all_to_all_matches():
         assert SYMM in r["explain"]
 
 
-@pytest.mark.parametrize("key", ["flux_agkv", "wan_agkv"])
+@pytest.mark.parametrize("key", ["flux_agkv"])
 def test_allgather_kv_matches(key):
     for rank, r in enumerate(_results(key)):
         assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
