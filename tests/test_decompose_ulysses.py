@@ -72,30 +72,26 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
-def test_simple_decomposed_symm_mem():
-    gm, ctx = _graph((2, 4, 8, 16), (2, 4, 8, 16), [4, 4])
-    ctx.all_to_all = "symm_mem"
+@pytest.mark.parametrize("mode,collective,count,became", [
+    ("symm_mem", SYMM + ".default", 2, "xdit.symm_all_to_all"),        # q/k/v together, then out
+    ("allgather_kv", "_c10d_functional.all_gather_into_tensor.default", 1, "all-gather of k, v"),
+])
+def test_other_collectives(mode, collective, count, became):
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    ctx.all_to_all = mode
     assert decompose_ulysses_pass(gm, ctx)
     gm.graph.lint()
     targets = _targets(gm)
-    assert targets.count(SYMM + ".default") == 2 and not any(t.startswith(A2A) for t in targets)
-    assert "wait_tensor" not in " ".join(targets)
-    assert "xdit.symm_all_to_all" in ctx.attention_report[0]["became"]
-    ctx.ulysses_chunks = 2
-    gm, _ = _graph((2, 4, 8, 16), (2, 4, 8, 16), [4, 4])
+    assert targets.count(collective) == count and str(ULYSSES_OP) not in targets
+    assert not any(t.startswith(A2A) for t in targets)
+    assert became in ctx.attention_report[0]["became"]
+
+
+def test_symm_mem_refuses_chunks():
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    ctx.all_to_all, ctx.ulysses_chunks = "symm_mem", 2
     with pytest.raises(ValueError, match="ulysses_chunks"):
         decompose_ulysses_pass(gm, ctx)
-
-
-def test_allgather_kv_decomposed():
-    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [8, 8])
-    ctx.all_to_all = "allgather_kv"
-    assert decompose_ulysses_pass(gm, ctx)
-    gm.graph.lint()
-    targets = _targets(gm)
-    assert targets.count("_c10d_functional.all_gather_into_tensor.default") == 1
-    assert not any(t.startswith(A2A) for t in targets) and str(ULYSSES_OP) not in targets
-    assert "all-gather of k, v" in ctx.attention_report[0]["became"]
 
 
 @pytest.mark.parametrize("asked,used", [(2, 2), (3, 2), (4, 4), (8, 4)])   # 8 heads / 2 ranks = 4 local heads
