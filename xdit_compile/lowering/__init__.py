@@ -11,6 +11,11 @@ OVERLAP_PASSES = [
 ]
 
 
+def _a2a_start():
+    import torch
+    return torch.ops.xdit.a2a_start.default
+
+
 def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: bool = False):
     if lowering == "eager":
         return gm.forward
@@ -18,6 +23,9 @@ def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: 
         from torch._inductor.compile_fx import compile_fx
         # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
         patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        if any(n.target is _a2a_start() for n in gm.graph.nodes):
+            # schedule_transfers ordered the graph around the copy-engine transfers; keep that order
+            patches["reorder_for_peak_memory"] = False
         if overlap:
             patches.update({"reorder_for_compute_comm_overlap": True,
                             "reorder_for_compute_comm_overlap_passes": list(OVERLAP_PASSES)})

@@ -32,6 +32,15 @@ compile.all_to_all = "allgather_kv": no all-to-all at all; one all-gather of k a
 of this rank's queries over every key on all heads. Same result; it moves (N - 1) x 2 shards in one collective
 instead of 2 x (N - 1) / N x 4 shards in two, and the output needs no return trip.
 
+compile.all_to_all = "copy_engine": q, k, v and the output each go through ``xdit.a2a_start`` / ``xdit.a2a_wait``
+(runtime/ce_a2a.py: copy-engine transfers straight into the peers' buffers, in the layouts SDPA and the out
+projection read, so no layout copies either side); attention i uses buffer slot i % 2. The starts and waits
+are placed by schedule_transfers (the next pass), which puts independent compute between them.
+
+    tq = a2a_start(q, "g", "q", slot) ; tk = ... ; tv = ...
+    o  = scaled_dot_product_attention(a2a_wait(tq, q, "g", "q", slot), ...k..., ...v..., scale=scale)  # (B, h, L, D)
+    o  = a2a_wait(a2a_start(o, "g", "o", slot), o, "g", "o", slot)        # (B, H, S, D), a strided view
+
 compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
 ``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
 
@@ -61,12 +70,14 @@ c10d = torch.ops._c10d_functional
 
 ULYSSES_OP = torch.ops.xdit.ulysses_attention.default
 DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
+CE = "decomposed: copy-engine all-to-all (xdit.a2a_start / a2a_wait) + sdpa"
 ALLGATHER_KV = "decomposed: all-gather of k, v (_c10d_functional) + sdpa of the local queries on all heads"
 
 
 def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
     by_node = {rec["op_node"]: rec for rec in ctx.attention_report if "op_node" in rec}
     changed = False
+    slot = 0
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not ULYSSES_OP:
             continue
@@ -85,6 +96,12 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
             if mode == "allgather_kv":
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
+            elif mode == "copy_engine":
+                if chunks > 1:
+                    raise ValueError("compile.all_to_all = \"copy_engine\" with compile.ulysses_chunks > 1 is not "
+                                     "supported (the copy-engine transfers already overlap compute); use one of them")
+                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2)
+                slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
@@ -92,6 +109,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         g.erase_node(n)
         if rec is not None:
             how = DECOMPOSED.replace("_c10d_functional", "xdit.symm_all_to_all") if symm else DECOMPOSED
+            if mode == "copy_engine":
+                how = CE
             if mode == "allgather_kv":
                 how = ALLGATHER_KV
                 kv = k.meta["example_value"]   # full size: (B, H, L, D); each rank sends its k, v shard N - 1 times
@@ -157,6 +176,16 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     o = all_to_all(o)
     o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 0, 2, 3, 4]), 1, 2)    # (B, H, S, D)
     return contiguous(o)
+
+
+def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int) -> fx.Node:
+    start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
+    got = {}
+    for kind, x in (("q", q), ("k", k), ("v", v)):
+        got[kind] = g.call_function(start, (x, group, kind, slot))
+    ql, kl, vl = (g.call_function(wait, (got[kind], x, group, kind, slot)) for kind, x in (("q", q), ("k", k), ("v", v)))
+    o = g.call_function(F.scaled_dot_product_attention, (ql, kl, vl), {"scale": scale})        # (B, h, L, D)
+    return g.call_function(wait, (g.call_function(start, (o, group, "o", slot)), o, group, "o", slot))
 
 
 def _emit_allgather_kv(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:

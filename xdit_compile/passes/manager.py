@@ -13,6 +13,7 @@ from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
+from .schedule_transfers import schedule_transfers_pass
 from .shard_modulation import shard_modulation_pass
 from .shard_sequence import Axis, ShardContext, shard_sequence_pass
 from .split_cfg import split_cfg_pass
@@ -42,6 +43,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("rewrite_attention", rewrite_attention_pass))
         if ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1:
             passes.append(("decompose_ulysses", decompose_ulysses_pass))
+            if getattr(ctx, "all_to_all", "nccl") == "copy_engine":
+                passes.append(("schedule_transfers", schedule_transfers_pass))
     cache = getattr(ctx, "cache_config", None)
     if cache is not None and cache.method != "none":
         # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes

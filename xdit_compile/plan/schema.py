@@ -154,7 +154,7 @@ class CompileConfig:
 
     SECTION: ClassVar[str] = "compile"
     LOWERINGS: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onediff")
-    ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("nccl", "symm_mem", "allgather_kv")
+    ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("nccl", "symm_mem", "allgather_kv", "copy_engine")
 
     lowering: str = "eager"
     """eager (run the rewritten graph as is), inductor (torch's compiler), onediff (optional package)."""
@@ -177,7 +177,10 @@ class CompileConfig:
     or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into the peers' symmetric-memory buffers
     over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other), or
     allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
-    heads; fewer, larger transfers, no return trip)."""
+    heads; fewer, larger transfers, no return trip), or copy_engine (``xdit::a2a_start`` / ``a2a_wait``: q, k, v
+    and the output are copied by the GPUs' copy engines straight into the peers' buffers, in the layouts SDPA
+    and the out projection read, while independent compute runs (the schedule_transfers pass places it);
+    falls back to NCCL / gloo like symm_mem)."""
     shard_modulation: bool = True
     """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
     linears (AdaLN ``linear(silu(temb))``, the same on every rank) and one all-gather shares them, so each rank

@@ -6,3 +6,4 @@ except ImportError:  # pragma: no cover - only while the module is being written
     pass
 from . import pipefusion  # noqa: F401,E402
 from . import symm_a2a  # noqa: F401,E402
+from . import ce_a2a  # noqa: F401,E402

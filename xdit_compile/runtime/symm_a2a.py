@@ -68,11 +68,13 @@ def _max_bytes() -> int:
     return int(float(os.environ.get("XDIT_SYMM_A2A_MAX_MB", "24")) * 2**20)
 
 
-def available(group_name: str, device: torch.device) -> bool:
-    """Whether symm_all_to_all takes the symmetric-memory path for this group on this device."""
-    key = (group_name, str(device))
+def available(group_name: str, device: torch.device, need_triton: bool = True) -> bool:
+    """Whether symm_all_to_all takes the symmetric-memory path for this group on this device (need_triton=False:
+    whether symmetric memory between all the group's GPUs works, for ce_a2a)."""
+    key = (group_name, str(device), need_triton)
     if key not in _OK:
-        ok = device.type == "cuda" and triton is not None and os.environ.get("XDIT_SYMM_A2A", "1") != "0"
+        ok = device.type == "cuda" and (triton is not None and os.environ.get("XDIT_SYMM_A2A", "1") != "0"
+                                        or not need_triton)
         if ok:
             try:
                 import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
@@ -93,26 +95,31 @@ def _state(group_name: str, x: Tensor):
     key = (group_name, x.device, x.dtype, x.numel())
     st = _STATE.get(key)
     if st is None:
-        # Allocate in another thread: under Inductor's CUDA graphs the first call is the warm-up, and what
-        # this thread allocates then lands in the graph's private memory pool, which must hold only tensors
-        # the graph returns ("tensors in the cudagraph pool not tracked as outputs").
-        box: dict = {}
-
-        def work():
-            try:
-                torch.cuda.set_device(x.device)
-                box["st"] = _allocate(group_name, x)
-                torch.cuda.synchronize(x.device)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
-                box["err"] = e
-
-        t = threading.Thread(target=work, name="xdit-symm-a2a-alloc")
-        t.start()
-        t.join()
-        if "err" in box:
-            raise box["err"]
-        st = _STATE[key] = box["st"]
+        st = _STATE[key] = _in_side_thread(lambda: _allocate(group_name, x), x.device)
     return st
+
+
+def _in_side_thread(fn, device: torch.device):
+    """fn() run in another thread (its result, or its exception re-raised here). Under Inductor's CUDA graphs
+    the first call is the warm-up, and what this thread allocated then would land in the graph's private memory
+    pool, which must hold only tensors the graph returns ("tensors in the cudagraph pool not tracked as
+    outputs"); buffers that outlive the call are made elsewhere."""
+    box: dict = {}
+
+    def work():
+        try:
+            torch.cuda.set_device(device)
+            box["out"] = fn()
+            torch.cuda.synchronize(device)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="xdit-symm-alloc")
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def _allocate(group_name: str, x: Tensor) -> dict:
