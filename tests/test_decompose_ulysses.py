@@ -25,6 +25,7 @@ REL_TOL = 1e-4
 A2A = "_c10d_functional.all_to_all_single"
 ULYSSES = "xdit.ulysses_attention"
 SYMM = "xdit.symm_all_to_all"
+CE_START, CE_WAIT = "xdit.a2a_start", "xdit.a2a_wait"
 
 
 # --- unit: the pass on a hand-built graph -------------------------------------------------------------
@@ -87,6 +88,54 @@ def test_other_collectives(mode, collective, count, became):
     assert became in ctx.attention_report[0]["became"]
 
 
+def test_copy_engine_decomposed():
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    ctx.all_to_all = "copy_engine"
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    targets = _targets(gm)
+    assert targets.count(CE_START + ".default") == targets.count(CE_WAIT + ".default") == 4   # q, k, v, o
+    kinds = [n.args[2] for n in gm.graph.nodes if str(n.target).startswith(CE_START)]
+    assert sorted(kinds) == ["k", "o", "q", "v"]
+    assert "copy-engine" in ctx.attention_report[0]["became"]
+    ctx.ulysses_chunks = 2
+    gm, _ = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    with pytest.raises(ValueError, match="ulysses_chunks"):
+        decompose_ulysses_pass(gm, ctx)
+
+
+def _ce_op(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from xdit_compile.runtime import ce_a2a
+
+    g = dist.group.WORLD.group_name
+    torch.manual_seed(0)
+    b, heads, s, d = 2, 4, 3, 5
+    full = torch.randn(b, heads, world_size * s, d)      # the same on every rank; this rank holds tokens r*S..
+    x = full[:, :, rank * s:(rank + 1) * s]
+    h = heads // world_size
+    out = {"path": ce_a2a.available(g, x.device)}
+    y = torch.ops.xdit.a2a_wait(torch.ops.xdit.a2a_start(x, g, "k", 1), x, g, "k", 1)
+    out["qkv"] = torch.equal(y, full[:, rank * h:(rank + 1) * h]) and y.shape == (b, h, world_size * s, d)
+    z = torch.ops.xdit.a2a_wait(torch.ops.xdit.a2a_start(y, g, "o", 1), y, g, "o", 1)
+    out["o"] = torch.equal(z, x)
+    for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0)}.items():
+        try:
+            torch.ops.xdit.a2a_start(*args)
+            out[name] = ""
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_copy_engine_op_on_cpu():
+    """On CPU the start / wait pair is the all_to_all_single fallback, in the same layouts; bad input is named."""
+    for rank, r in enumerate(run_distributed(_ce_op, 2, timeout=120)):
+        assert r["qkv"] and r["o"] and not r["path"], f"rank {rank}: {r}"
+        assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
+
+
 def test_symm_mem_refuses_chunks():
     gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
     ctx.all_to_all, ctx.ulysses_chunks = "symm_mem", 2
@@ -140,6 +189,9 @@ CASES = {
                             "compile": {"ulysses_chunks": 4, "overlap": True}},
     "wan": {"model": "wan", "size": {}, "compile": {}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
+    # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
+    "flux_ce": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine"}},
+    "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
 }
 
 
@@ -161,7 +213,19 @@ def _run_case(case: dict) -> dict:
     reports = model._xdit_compiler.reports
     targets = [str(n.target) for r in reports for n in r["graph"].graph.nodes if n.op == "call_function"]
     attention = [a for r in reports for a in r["attention"]]
+    order = []     # the graph order, coarse: starts / waits with their kind, linears, attention
+    for r in reports:
+        for n in r["graph"].graph.nodes:
+            t = str(n.target)
+            if t.startswith(CE_START) or t.startswith(CE_WAIT):
+                start = t.startswith(CE_START)
+                order.append(("S:" if start else "W:") + n.args[2 if start else 3])
+            elif "linear" in t:
+                order.append("lin")
+            elif "scaled_dot_product_attention" in t:
+                order.append("sdpa")
     return {
+        "order": order,
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
@@ -210,6 +274,39 @@ def test_allgather_kv_matches(key):
         assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
         assert r["n_op"] == 0 and r["n_a2a"] == 0, f"rank {rank}: {r}"
         assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
+
+
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce"])
+def test_copy_engine_matches(key):
+    for rank, r in enumerate(_results(key)):
+        assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_op"] == 0 and r["n_a2a"] == 0 and r["n_decomposed"] > 0, f"rank {rank}: {r}"
+        starts = [x for x in r["order"] if x.startswith("S:")]
+        waits = [x for x in r["order"] if x.startswith("W:")]
+        assert len(starts) == len(waits) == 4 * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        assert "copy-engine" in r["explain"]
+
+
+def test_copy_engine_schedule():
+    """Tiny Flux (1 double + 1 single block): every q/k/v transfer starts before the first wait; v's transfer
+    starts before k's and q's projections; in the single block proj_mlp runs between the q/k/v starts and
+    their waits, and the split-off mlp half of proj_out between the output's start and wait."""
+    order = _results("flux_ce")[0]["order"]
+    att = [i for i, x in enumerate(order) if x == "sdpa"]
+    assert len(att) == 2, order
+    for a, lo in zip(att, (0, att[0] + 1)):
+        part = order[lo:a]
+        qkv_starts = [i for i, x in enumerate(part) if x in ("S:q", "S:k", "S:v")]
+        qkv_waits = [i for i, x in enumerate(part) if x in ("W:q", "W:k", "W:v")]
+        assert len(qkv_starts) == len(qkv_waits) == 3 and max(qkv_starts) < min(qkv_waits), part
+        assert part.index("S:v") < max(qkv_starts), f"v first (smallest cone): {part}"
+    single = order[att[0] + 1:att[1]]
+    single = single[single.index("W:o") + 1:]                 # after the double block's output transfer
+    last_start = max(i for i, x in enumerate(single) if x.startswith("S:"))
+    first_wait = min(i for i, x in enumerate(single) if x.startswith("W:"))
+    assert "lin" in single[last_start:first_wait], f"proj_mlp should fill the q/k/v transfers: {single}"
+    tail = order[att[1]:]
+    assert "lin" in tail[tail.index("S:o"):tail.index("W:o")], f"mlp half of proj_out during the o transfer: {tail}"
 
 
 def test_decompose_off_keeps_op():
