@@ -184,6 +184,7 @@ def _decomposed_note(m):
         return mod.lstrip("; ")
     became = " ".join(a.get("became", "") for a in att)
     how = ("symm-mem all-to-all" if "symm_all_to_all" in became else
+           "copy-engine all-to-all" if "copy-engine" in became else
            "all-gather k/v" if "all-gather of k, v" in became else "all-to-all as functional collectives")
     return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention{mod}"
 
