@@ -7,7 +7,7 @@
 # hybrid2048 (2048²: pipefusion=2 x ulysses=2 per-call and displaced, pipefusion=2 x ring=2 per-call, ~4 min),
 # displaced2048 (2048²: pipefusion=4 per-call and displaced loops on one model, ~3 min), pf8patches (2048²: 1 GPU and pipefusion=4 with 8 patches, the smaller fill/drain bubble; ~2 min),
 # cache1 / cache4 (none, fbcache, teacache at a forced skip rate, 1 and 4 GPUs), profile (FLUX 1024 ulysses 4,
-# Inductor + CUDA graphs), a2a (all-to-all bandwidth, NCCL settings, copy engine), profiletrace (profile +
+# Inductor + CUDA graphs), profilece (the same with compile.all_to_all = "copy_engine"), a2a (all-to-all bandwidth, NCCL settings, copy engine), profiletrace (profile +
 # chrome trace, gaps), profileops (Inductor without CUDA graphs: CPU ops by launched GPU time). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
 # the call ends with whatever finished. Results and logs go to $OUT.
 set -u
@@ -48,6 +48,8 @@ for part in "$@"; do
            run a2a_${v%%=*} 60 env $v $T 4 benchmarks/a2a_bw.py --out $OUT/a2a.json; done ;;
     profiletrace) run profiletrace 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 \
         --lowering inductor --cudagraphs --out $OUT/profile_flux1024_cg.md --trace $OUT/trace_flux1024_cg.json.gz ;;
+    profilece) run profilece 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
+        --cudagraphs --all-to-all copy_engine --out $OUT/profile_flux1024_ce.md ;;
     profileops) run profileops 300 $T 4 benchmarks/profile_step.py --model flux1024 --ulysses 4 \
         --lowering inductor --ops --out $OUT/profile_flux1024_ops.md ;;
     *) echo "unknown part $part (pipefusion, displaced2048, hybrid2048, pf8patches, cache1, cache4, profile)"; exit 2 ;;

@@ -19,7 +19,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+CE = "copy engine (memcpy; runs beside kernels, not in the busy sum)"
 KINDS = [("communication (NCCL)", ("nccl",)),
+         (CE, ("memcpy",)),
+         ("symm-mem barrier", ("barrier",)),
          ("attention", ("flash", "cudnn", "fmha", "attention", "sdpa")),
          ("layout copies (aten copy / cat)", ("copy_kernel", "catarraybatchedcopy", "direct_copy")),
          ("matmul", ("gemm", "cutlass", "nvjet", "sm90_x", "sm80_x", "matmul", "cublas")),
@@ -43,6 +46,7 @@ def main():
     ap.add_argument("--ring", type=int, default=1)
     ap.add_argument("--lowering", default="inductor")
     ap.add_argument("--cudagraphs", action="store_true")
+    ap.add_argument("--all-to-all", default="", help="compile.all_to_all (nccl, symm_mem, allgather_kv, copy_engine)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.md")
@@ -71,6 +75,8 @@ def main():
     comp = {"lowering": args.lowering}
     if args.cudagraphs:
         comp["cudagraphs"] = True
+    if args.all_to_all:
+        comp["all_to_all"] = args.all_to_all
     plan = {"parallel": {"ulysses": args.ulysses or world // args.ring, "ring": args.ring}, "compile": comp}
     xdit_compile.parallelize(m, plan)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
@@ -112,7 +118,7 @@ def main():
             us = (e.device_time if device.type == "cuda" else e.cpu_time) / args.steps
             per[kind(e.name)] = per.get(kind(e.name), 0.0) + us
             top[e.name] = top.get(e.name, 0.0) + us
-        busy = sum(per.values()) / 1e3
+        busy = sum(us for k, us in per.items() if k != CE) / 1e3
         lines = [f"# Profile: {args.model}, plan {plan}, {world} ranks, {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
                  "", f"wall per step (profiled, rank 0): {wall:.1f} ms; GPU kernel time {busy:.1f} ms; "
                  f"idle {max(wall - busy, 0):.1f} ms", "", "| kind | ms/step | share of wall |", "|---|---|---|"]
@@ -149,8 +155,8 @@ def gaps(prof, device, steps):
     """Where the GPU sat idle: gaps between consecutive kernels on rank 0's device (any stream)."""
     if device.type != "cuda":
         return []
-    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()   # kernels, not memcpys
+                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start and kind(e.name) != CE)
     out, end, prev = [], None, None
     for start, stop, name in ks:
         if end is not None and start - end > 5:   # us
