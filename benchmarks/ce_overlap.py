@@ -169,10 +169,10 @@ def main():
             ts = [start(x, gname, kd, 0) for x, kd in zip(xs, "qkv")]
             if with_mm:
                 a @ w
-            out = [wait(t, x, gname, kd, 0) for t, x, kd in zip(ts, xs, "qkv")]
+            out = [wait([t], [x], gname, kd, 0) for t, x, kd in zip(ts, xs, "qkv")]
             o = out[0] * 1     # "attention output" (B, h, L, D), (B, L, h, D) memory like SDPA's
             o = o.transpose(1, 2).contiguous().transpose(1, 2)
-            back = wait(start(o, gname, "o", 0), o, gname, "o", 0)
+            back = wait([start(o, gname, "o", 0)], [o], gname, "o", 0)
             out.append(back)
         return out
 
@@ -193,6 +193,23 @@ def main():
         torch.cuda.synchronize()
         row.update(graph_equal=all(torch.equal(g, r) for g, r in zip(got[:3], refs)) and torch.equal(got[3], xs[0]),
                    graph_a2a_ms=timed(g1.replay), graph_both_ms=timed(g2.replay))
+        # head chunks (compile.ulysses_chunks = 2): per chunk q/k/v start + wait, output chunks back, one wait
+        def chunked():
+            res = []
+            for c in range(2):
+                ts = [start(x, gname, kd, 1, c, 2) for x, kd in zip(xs, "qkv")]
+                res.append([wait([t], [x], gname, kd, 1, c, 2) for t, x, kd in zip(ts, xs, "qkv")])
+            os_ = [r[0] * 1 for r in res]
+            back = wait([start(o, gname, "o", 1, c, 2) for c, o in enumerate(os_)], os_, gname, "o", 1, 0, 2)
+            return res, back
+        res, back = chunked()
+        g3 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g3):
+            res3, back3 = chunked()
+        g3.replay()
+        torch.cuda.synchronize()
+        ok = all(torch.equal(res3[c][i], refs[i][:, c * (h // 2):(c + 1) * (h // 2)]) for c in range(2) for i in range(3))
+        row.update(chunks2_equal=ok and torch.equal(back3, xs[0]) and torch.equal(back, xs[0]))
         report(**row)
     except Exception as e:  # noqa: BLE001
         import traceback

@@ -98,10 +98,12 @@ def test_copy_engine_decomposed():
     kinds = [n.args[2] for n in gm.graph.nodes if str(n.target).startswith(CE_START)]
     assert sorted(kinds) == ["k", "o", "q", "v"]
     assert "copy-engine" in ctx.attention_report[0]["became"]
-    ctx.ulysses_chunks = 2
-    gm, _ = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
-    with pytest.raises(ValueError, match="ulysses_chunks"):
-        decompose_ulysses_pass(gm, ctx)
+    gm, ctx = _graph((1, 8, 8, 16), (1, 8, 8, 16), [4, 4])    # 4 local heads in 2 chunks
+    ctx.all_to_all, ctx.ulysses_chunks = "copy_engine", 2
+    assert decompose_ulysses_pass(gm, ctx)
+    targets = _targets(gm)
+    assert targets.count(CE_START + ".default") == 8 and targets.count(CE_WAIT + ".default") == 7   # 6 + 1 (o)
+    assert "2 head chunks" in ctx.attention_report[0]["became"]
 
 
 def _ce_op(rank: int, world_size: int) -> dict:
@@ -116,10 +118,16 @@ def _ce_op(rank: int, world_size: int) -> dict:
     x = full[:, :, rank * s:(rank + 1) * s]
     h = heads // world_size
     out = {"path": ce_a2a.available(g, x.device)}
-    y = torch.ops.xdit.a2a_wait(torch.ops.xdit.a2a_start(x, g, "k", 1), x, g, "k", 1)
+    start, wait = torch.ops.xdit.a2a_start, torch.ops.xdit.a2a_wait
+    y = wait([start(x, g, "k", 1)], [x], g, "k", 1)
     out["qkv"] = torch.equal(y, full[:, rank * h:(rank + 1) * h]) and y.shape == (b, h, world_size * s, d)
-    z = torch.ops.xdit.a2a_wait(torch.ops.xdit.a2a_start(y, g, "o", 1), y, g, "o", 1)
+    z = wait([start(y, g, "o", 1)], [y], g, "o", 1)
     out["o"] = torch.equal(z, x)
+    # two head chunks of the h = 2 local heads: one head each way per chunk, the output put back whole
+    ys = [wait([start(x, g, "q", 0, c, 2)], [x], g, "q", 0, c, 2) for c in range(2)]
+    out["chunks"] = all(torch.equal(yc, full[:, rank * h + c:rank * h + c + 1]) for c, yc in enumerate(ys))
+    ts = [start(yc.contiguous(), g, "o", 0, c, 2) for c, yc in enumerate(ys)]
+    out["chunks_o"] = torch.equal(wait(ts, ys, g, "o", 0, 0, 2), x)
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0)}.items():
         try:
             torch.ops.xdit.a2a_start(*args)
@@ -132,7 +140,7 @@ def _ce_op(rank: int, world_size: int) -> dict:
 def test_copy_engine_op_on_cpu():
     """On CPU the start / wait pair is the all_to_all_single fallback, in the same layouts; bad input is named."""
     for rank, r in enumerate(run_distributed(_ce_op, 2, timeout=120)):
-        assert r["qkv"] and r["o"] and not r["path"], f"rank {rank}: {r}"
+        assert r["qkv"] and r["o"] and r["chunks"] and r["chunks_o"] and not r["path"], f"rank {rank}: {r}"
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
 
 
@@ -192,6 +200,9 @@ CASES = {
     # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
     "flux_ce": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine"}},
     "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
+    # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
+    "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
+                   "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
 }
 
 
@@ -276,14 +287,16 @@ def test_allgather_kv_matches(key):
         assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2"])
 def test_copy_engine_matches(key):
+    c = CASES[key]["compile"].get("ulysses_chunks", 1)
     for rank, r in enumerate(_results(key)):
         assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
         assert r["n_op"] == 0 and r["n_a2a"] == 0 and r["n_decomposed"] > 0, f"rank {rank}: {r}"
         starts = [x for x in r["order"] if x.startswith("S:")]
         waits = [x for x in r["order"] if x.startswith("W:")]
-        assert len(starts) == len(waits) == 4 * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        assert len(starts) == 4 * c * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        assert len(waits) == (3 * c + 1) * r["n_decomposed"], f"rank {rank}: {r['order']}"
         assert "copy-engine" in r["explain"]
 
 

@@ -38,8 +38,13 @@ projection read, so no layout copies either side); attention i uses buffer slot 
 are placed by schedule_transfers (the next pass), which puts independent compute between them.
 
     tq = a2a_start(q, "g", "q", slot) ; tk = ... ; tv = ...
-    o  = scaled_dot_product_attention(a2a_wait(tq, q, "g", "q", slot), ...k..., ...v..., scale=scale)  # (B, h, L, D)
-    o  = a2a_wait(a2a_start(o, "g", "o", slot), o, "g", "o", slot)        # (B, H, S, D), a strided view
+    o  = scaled_dot_product_attention(a2a_wait([tq], [q], "g", "q", slot), ...k..., ...v..., scale=scale)  # (B, h, L, D)
+    o  = a2a_wait([a2a_start(o, "g", "o", slot)], [o], "g", "o", slot)    # (B, H, S, D), a strided view
+
+With compile.ulysses_chunks = C each q/k/v start sends one head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA
+runs per chunk on its wait's view and each chunk's output starts back at once; one wait takes every output
+chunk's token. Chunk c + 1's q/k/v transfers run beside chunk c's attention, chunk c's output beside chunk
+c + 1's: what the double blocks of FLUX (no independent matmul around their attention) can hide.
 
 compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
 ``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
@@ -97,10 +102,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
-                if chunks > 1:
-                    raise ValueError("compile.all_to_all = \"copy_engine\" with compile.ulysses_chunks > 1 is not "
-                                     "supported (the copy-engine transfers already overlap compute); use one of them")
-                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2)
+                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks)
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
@@ -178,14 +180,20 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     return contiguous(o)
 
 
-def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int) -> fx.Node:
+def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1) -> fx.Node:
+    """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
+    one wait for all output chunks (schedule_transfers places starts early and waits late)."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
-    got = {}
-    for kind, x in (("q", q), ("k", k), ("v", v)):
-        got[kind] = g.call_function(start, (x, group, kind, slot))
-    ql, kl, vl = (g.call_function(wait, (got[kind], x, group, kind, slot)) for kind, x in (("q", q), ("k", k), ("v", v)))
-    o = g.call_function(F.scaled_dot_product_attention, (ql, kl, vl), {"scale": scale})        # (B, h, L, D)
-    return g.call_function(wait, (g.call_function(start, (o, group, "o", slot)), o, group, "o", slot))
+    qkv = (("v", v), ("k", k), ("q", q))
+    tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks)) for kind, x in qkv
+              for c in range(chunks)}
+    outs, sent = [], []
+    for c in range(chunks):
+        got = {kind: g.call_function(wait, ([tokens[kind, c]], [x], group, kind, slot, c, chunks)) for kind, x in qkv}
+        o = g.call_function(F.scaled_dot_product_attention, (got["q"], got["k"], got["v"]), {"scale": scale})
+        outs.append(o)                                                            # (B, h/C, L, D)
+        sent.append(g.call_function(start, (o, group, "o", slot, c, chunks)))
+    return g.call_function(wait, (sent, outs, group, "o", slot, 0, chunks))       # (B, H, S, D), a strided view
 
 
 def _emit_allgather_kv(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:

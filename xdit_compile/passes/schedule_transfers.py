@@ -98,7 +98,7 @@ def _split_cat_linears(gm: fx.GraphModule) -> int:
         late = [bool(_waits_above(p)) for p in parts]
         if late[0] == late[1]:
             continue
-        starts = [wt.args[0] for wt in _waits_above(parts[late.index(True)]) if isinstance(wt.args[0], fx.Node)]
+        starts = [t for wt in _waits_above(parts[late.index(True)]) for t in wt.args[0] if isinstance(t, fx.Node)]
         if not starts:
             continue
         widths = [int(v.shape[-1]) for v in vals]

@@ -2,7 +2,11 @@
 
     t = torch.ops.xdit.a2a_start(x, group_name, kind, slot)       # queues the transfers, returns at once
     ... independent compute (its matmuls keep every SM; the copy engines need none) ...
-    y = torch.ops.xdit.a2a_wait(t, x, group_name, kind, slot)     # the current stream waits for them
+    y = torch.ops.xdit.a2a_wait([t], [x], group_name, kind, slot) # the current stream waits for them
+
+Head chunks (chunk c of C, compile.ulysses_chunks): a q/k/v start sends only the local heads of chunk c, its
+wait returns (B, h/C, L, D); an "o" start sends one chunk's attention output and one "o" wait takes all C
+tokens and returns the whole (B, H, S, D).
 
 kind "q", "k", "v" (scatter heads, gather the sequence): x (B, H, S, D) -> y (B, H/N, N*S, D)
 kind "o"           (scatter the sequence, gather heads): x (B, h, L, D) -> y (B, h*N, L/N, D)
@@ -30,7 +34,7 @@ only after it passed the barrier of an earlier transfer that this rank entered a
 previous contents: q/k/v of attention i are read by its SDPA, which precedes the start of its o transfer;
 o of attention i is read by what follows attention i, which precedes the q/k/v starts of attention i + 1
 (they depend on it) — and a rank starts the next transfer only after waiting for the one in between.
-The wait also takes x, so x stays allocated until the copies that read it are done.
+The wait also takes what the starts read (xs), so it stays allocated until the copies that read it are done.
 
 Fallback (CPU / gloo, GPUs without peer access, a torch without symmetric memory, XDIT_CE_A2A=0): the start
 runs ``dist.all_to_all_single`` and fills the same buffer (a plain tensor), the wait returns the same view;
@@ -57,11 +61,12 @@ _OK: dict = {}
 _CUDA = None
 
 
-def out_shape(kind: str, shape, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(shape, memory shape) of the wait's result; the result is memory.transpose(1, 2)."""
+def out_shape(kind: str, shape, n: int, chunks: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, memory shape) of the whole received tensor, from the shape of what one start sends (for "o"
+    with head chunks: one chunk's (B, h/C, L, D)); the result is memory.transpose(1, 2)."""
     b, h, s, d = shape
     if kind == "o":
-        return (b, h * n, s // n, d), (b, s // n, h * n, d)
+        return (b, h * chunks * n, s // n, d), (b, s // n, h * chunks * n, d)
     return (b, h // n, s * n, d), (b, s * n, h // n, d)
 
 
@@ -137,7 +142,7 @@ def _streams(device: torch.device, n: int):
     return st
 
 
-def _check(x: Tensor, kind: str, n: int) -> None:
+def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
     if kind not in KINDS:
         raise ValueError(f"xdit.a2a_start: kind {kind!r} is not one of {KINDS}")
     if x.dim() != 4:
@@ -146,35 +151,44 @@ def _check(x: Tensor, kind: str, n: int) -> None:
     if split % n:
         what = "sequence" if kind == "o" else "heads"
         raise ValueError(f"xdit.a2a_start: {what} ({split}) not divisible by the group size {n}")
+    if chunks < 1 or not 0 <= chunk < chunks or (kind != "o" and (x.shape[1] // n) % chunks):
+        raise ValueError(f"xdit.a2a_start: chunk {chunk} of {chunks} does not cut the {x.shape[1] // n} local "
+                         "heads evenly")
 
 
 @torch.library.custom_op("xdit::a2a_start", mutates_args=())
-def a2a_start(x: Tensor, group_name: str, kind: str, slot: int) -> Tensor:
-    """Queue the all-to-all of x; returns a token for a2a_wait (an empty tensor)."""
+def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1) -> Tensor:
+    """Queue the all-to-all of x (q/k/v: the heads of head chunk `chunk` only; o: x is that chunk's attention
+    output); returns a token for a2a_wait (an empty tensor)."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
-    _check(x, kind, n)
-    shape, mem_shape = out_shape(kind, x.shape, n)
+    _check(x, kind, n, chunk, chunks)
+    shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x, ce)
-    xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, h, D) for o: no copy when it already is
-    b, s_rows = xt.shape[0], shape[2] if kind == "o" else x.shape[2]
-    h = mem_shape[2] // n if kind == "o" else mem_shape[2]        # heads in one piece
+    xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
+    b, d = xt.shape[0], xt.shape[3]
+    if kind == "o":
+        rows, h = shape[2], mem_shape[2] // n            # tokens per piece, local heads of the whole output
+        hc = h // chunks
+    else:
+        rows, h = x.shape[2], mem_shape[2]
+        hc = h // chunks
     if not ce:
-        if kind == "o":      # pieces = sequence slices: (N, B, S, h, D)
+        buf = st["buf"]
+        if kind == "o":      # pieces = sequence slices of this chunk: (N, B, S', hc, D)
             send = xt.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
-        else:                # pieces = head groups: (N, B, S, h, D)
-            send = xt.unflatten(2, (n, -1)).permute(2, 0, 1, 3, 4).contiguous()
+        else:                # pieces = head chunk c of every rank's head group: (N, B, S, hc, D)
+            send = xt.unflatten(2, (n, chunks, -1))[:, :, :, chunk].permute(2, 0, 1, 3, 4).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
-        if kind == "o":      # (B, S, H, D) with H = (P, h)
-            st["buf"].copy_(recv.permute(1, 2, 0, 3, 4).flatten(2, 3))
-        else:                # (B, L, h, D) with L = (P, S)
-            st["buf"].copy_(recv.transpose(0, 1).flatten(1, 2))
+        if kind == "o":      # (B, S', H, D) with H = (P, C, hc)
+            buf.unflatten(2, (n, chunks, hc))[:, :, :, chunk].copy_(recv.permute(1, 2, 0, 3, 4))
+        else:                # (B, L, h, D) with L = (P, S), h = (C, hc)
+            buf.unflatten(2, (chunks, hc))[:, :, chunk].copy_(recv.transpose(0, 1).flatten(1, 2))
         return x.new_empty(0)
     e = x.element_size()
-    d = x.shape[3]
-    width = h * d * e                                   # one token's piece, bytes
+    width = hc * d * e                                  # one token's piece, bytes
     streams, side = _streams(x.device, n)
     cur = torch.cuda.current_stream(x.device)
     ev_in = cur.record_event()
@@ -182,46 +196,60 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int) -> Tensor:
         sj = streams[j]
         sj.wait_event(ev_in)
         for bi in range(b):
-            if kind == "o":   # my tokens [j*S', (j+1)*S') of all my heads -> rank j's (B, S', H, D) at heads me*h
-                src = xt.data_ptr() + ((bi * xt.shape[1] + j * s_rows) * h * d) * e
+            if kind == "o":   # my tokens [j*S', (j+1)*S') of chunk c -> rank j's (B, S', H, D) at heads me*h + c*hc
+                src = xt.data_ptr() + ((bi * xt.shape[1] + j * rows) * hc * d) * e
                 spitch = width
-                dst = st["ptrs"][j] + ((bi * s_rows * n * h) * d + me * h * d) * e
+                dst = st["ptrs"][j] + ((bi * rows * n * h) * d + (me * h + chunk * hc) * d) * e
                 dpitch = n * h * d * e
-            else:             # heads [j*h, (j+1)*h) of my S tokens -> rank j's (B, L, h, D) at tokens me*S
-                src = xt.data_ptr() + ((bi * s_rows * n * h) * d + j * h * d) * e
+            else:             # heads j*h + c*hc .. of my S tokens -> rank j's (B, L, h, D) at tokens me*S, heads c*hc
+                src = xt.data_ptr() + ((bi * rows * n * h) * d + (j * h + chunk * hc) * d) * e
                 spitch = n * h * d * e
-                dst = st["ptrs"][j] + ((bi * n * s_rows + me * s_rows) * h * d) * e
-                dpitch = width
-            _memcpy2d(dst, dpitch, src, spitch, width, s_rows, sj)
+                dst = st["ptrs"][j] + ((bi * n * rows + me * rows) * h * d + chunk * hc * d) * e
+                dpitch = h * d * e
+            _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
         side.wait_stream(sj)
     with torch.cuda.stream(side):
         st["hdl"].barrier(channel=0, timeout_ms=_timeout_ms())
     ev_done = side.record_event()
-    _PENDING[(group_name, kind, slot)] = (ev_done, xt)
+    _PENDING[(group_name, kind, slot, chunk)] = (ev_done, xt)
     return x.new_empty(0)
 
 
 @a2a_start.register_fake
-def _(x: Tensor, group_name: str, kind: str, slot: int) -> Tensor:
+def _(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1) -> Tensor:
     return x.new_empty(0)
 
 
 @torch.library.custom_op("xdit::a2a_wait", mutates_args=())
-def a2a_wait(token: Tensor, x: Tensor, group_name: str, kind: str, slot: int) -> Tensor:
-    """The result of the a2a_start with the same (group, kind, slot): a view of its receive buffer."""
+def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: int, chunk: int = 0,
+             chunks: int = 1) -> Tensor:
+    """The result of the a2a_starts with the same (group, kind, slot), as a view of their receive buffer:
+    q/k/v: head chunk `chunk` (B, h/C, L, D); o: every chunk (tokens and xs: one per chunk), (B, H, S, D).
+    xs are the tensors the starts read (kept alive until here)."""
     n = dist.distributed_c10d._resolve_process_group(group_name).size()
-    _, mem_shape = out_shape(kind, x.shape, n)
-    pending = _PENDING.pop((group_name, kind, slot), None)
-    if pending is not None:
-        torch.cuda.current_stream(x.device).wait_event(pending[0])
+    x = xs[0]
+    _, mem_shape = out_shape(kind, x.shape, n, chunks)
+    for c in (range(chunks) if kind == "o" else (chunk,)):
+        pending = _PENDING.pop((group_name, kind, slot, c), None)
+        if pending is not None:
+            torch.cuda.current_stream(x.device).wait_event(pending[0])
     st = _BUFS.get((group_name, kind, slot, tuple(mem_shape), x.dtype, x.device))
     if st is None:
         raise RuntimeError(f"xdit.a2a_wait({kind!r}, slot {slot}) without its a2a_start")
-    return st["buf"].transpose(1, 2)
+    buf = st["buf"]
+    if kind != "o" and chunks > 1:
+        hc = mem_shape[2] // chunks
+        buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
+    return buf.transpose(1, 2)
 
 
 @a2a_wait.register_fake
-def _(token: Tensor, x: Tensor, group_name: str, kind: str, slot: int) -> Tensor:
+def _(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: int, chunk: int = 0,
+      chunks: int = 1) -> Tensor:
     n = dist.distributed_c10d._resolve_process_group(group_name).size() if dist.is_initialized() else 1
-    _, mem_shape = out_shape(kind, x.shape, n)
-    return x.new_empty(mem_shape).transpose(1, 2)
+    _, mem_shape = out_shape(kind, xs[0].shape, n, chunks)
+    buf = xs[0].new_empty(mem_shape)
+    if kind != "o" and chunks > 1:
+        hc = mem_shape[2] // chunks
+        buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
+    return buf.transpose(1, 2)
