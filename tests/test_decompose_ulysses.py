@@ -297,7 +297,7 @@ def test_copy_engine_matches(key):
         waits = [x for x in r["order"] if x.startswith("W:")]
         assert len(starts) == 4 * c * r["n_decomposed"], f"rank {rank}: {r['order']}"
         assert len(waits) == (3 * c + 1) * r["n_decomposed"], f"rank {rank}: {r['order']}"
-        assert "copy-engine" in r["explain"]
+        assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
 
 
 def test_copy_engine_schedule():
@@ -313,6 +313,7 @@ def test_copy_engine_schedule():
         qkv_waits = [i for i, x in enumerate(part) if x in ("W:q", "W:k", "W:v")]
         assert len(qkv_starts) == len(qkv_waits) == 3 and max(qkv_starts) < min(qkv_waits), part
         assert part.index("S:v") < max(qkv_starts), f"v first (smallest cone): {part}"
+    assert "schedule_transfers: 1 linear(cat) split" in _results("flux_ce")[0]["explain"]
     single = order[att[0] + 1:att[1]]
     single = single[single.index("W:o") + 1:]                 # after the double block's output transfer
     last_start = max(i for i, x in enumerate(single) if x.startswith("S:"))

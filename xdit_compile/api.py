@@ -296,6 +296,10 @@ def format_reports(reports) -> str:
                          f"{_sizes(a)}"
                          f"{f', {b:,} B sent' if b else ''}"
                          f"{_kept(a)}")
+        tr = rep.get("transfers") or {}
+        if tr:
+            lines.append(f"  schedule_transfers: {tr['split_linears']} linear(cat) split, {tr['moved_nodes']} nodes "
+                         "moved (copy-engine transfers started early, waited for late)")
         for m in rep.get("modulation", ()):
             total += m["gather_bytes"]
             lines.append(f"  modulation: {m['linears']} linear{'s' * (m['linears'] != 1)} of {m['input']} sharded over "

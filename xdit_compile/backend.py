@@ -42,6 +42,7 @@ class CompileContext:
     all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
+    transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
 
     @property
     def pipefusion(self) -> bool:
@@ -200,6 +201,7 @@ def _report(gm, ctx, index) -> dict:
         "cfg_batch": [an.classes.size[u] for u, a in ctx.unit_axis.items() if a == "cfg"] if an else [],
         "attention": ctx.attention_report,
         "modulation": ctx.modulation_report,
+        "transfers": ctx.transfer_report,
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),
