@@ -106,6 +106,20 @@ def test_copy_engine_decomposed():
     assert "2 head chunks" in ctx.attention_report[0]["became"]
 
 
+def test_copy_engine_output_is_copied():
+    """A graph that returns the attention output itself returns a copy: the wait's view would be overwritten."""
+    from xdit_compile.passes.schedule_transfers import schedule_transfers_pass
+
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    ctx.all_to_all = "copy_engine"
+    assert decompose_ulysses_pass(gm, ctx) and schedule_transfers_pass(gm, ctx)
+    gm.graph.lint()
+    (ret,) = [n for n in gm.graph.nodes if n.op == "output"][0].args
+    assert ret.target is torch.clone and str(ret.args[0].target).startswith(CE_WAIT)
+    targets = _targets(gm)
+    assert targets.index(CE_START + ".default") < targets.index(CE_WAIT + ".default")
+
+
 def _ce_op(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 

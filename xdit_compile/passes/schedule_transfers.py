@@ -49,6 +49,7 @@ def schedule_transfers_pass(gm: fx.GraphModule, ctx) -> bool:
     split = _split_cat_linears(gm)
     if hasattr(ctx, "transfer_report"):
         ctx.transfer_report["split_linears"] = split
+    _copy_outputs(g)
     moved = _schedule(g)
     if hasattr(ctx, "transfer_report"):
         ctx.transfer_report["moved_nodes"] = moved
@@ -128,6 +129,34 @@ def _pos(g: fx.Graph, node: fx.Node) -> int:
         if n is node:
             return i
     return -1
+
+
+_VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "unsqueeze", "squeeze", "getitem",
+          "contiguous", "narrow", "select", "split", "chunk", "expand", "movedim", "t"}
+
+
+def _copy_outputs(g: fx.Graph) -> None:
+    """A wait returns a view of a buffer the next transfers overwrite: a graph output that may be one (through
+    view-like ops) is cloned, so what the caller holds stays valid."""
+    out = next(n for n in g.nodes if n.op == "output")
+
+    def base_is_wait(n, depth=0):
+        if not isinstance(n, fx.Node) or depth > 16:
+            return False
+        if n.target is WAIT:
+            return True
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return name.rstrip("_") in _VIEWS and bool(n.args) and base_is_wait(n.args[0], depth + 1)
+
+    def fix(a):
+        if isinstance(a, fx.Node) and base_is_wait(a):
+            with g.inserting_before(out):
+                c = g.call_function(torch.clone, (a,))
+            c.meta = dict(a.meta)
+            return c
+        return a
+
+    out.args = fx.node.map_arg(out.args, fix)
 
 
 # --- 2. list scheduling ---------------------------------------------------------------------------------
