@@ -1,6 +1,7 @@
 """Run every tiny model under a plan in N gloo processes and print the error and what was rewritten.
 
     python tools/try_models.py flux,wan 2 "{'ulysses': 2}" [eager|inductor]   (EXPLAIN=1 prints explain())
+    A2A=copy_engine picks compile.all_to_all (with inductor).
 """
 import sys, os, time, traceback
 sys.path.insert(0, "tests")
@@ -19,7 +20,10 @@ def _run(rank, world, names, plan_par, lowering):
             inp = case.inputs()
             with torch.no_grad():
                 ref = m(**inp)[0]
-            plan = xdit_compile.Plan.from_dict({"parallel": plan_par, "compile": {"lowering": lowering}})
+            comp = {"lowering": lowering}
+            if os.environ.get("A2A"):
+                comp["all_to_all"] = os.environ["A2A"]
+            plan = xdit_compile.Plan.from_dict({"parallel": plan_par, "compile": comp})
             xdit_compile.parallelize(m, plan)
             with torch.no_grad():
                 out = m(**inp)[0]
