@@ -58,7 +58,7 @@ __all__ = ["available", "a2a_start", "a2a_wait", "out_shape"]
 
 KINDS = ("q", "k", "v", "o")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
-_PENDING: dict = {}   # (group, kind, slot) -> (event, tensors kept alive until the wait)
+_PENDING: dict = {}   # (group, kind, slot, chunk) -> (event, what the copies read, kept until the wait)
 _STREAMS: dict = {}   # (device, group size) -> (per-destination streams, side stream)
 _OK: dict = {}
 _CUDA = None
