@@ -24,16 +24,28 @@ its consumer reads it: q/k/v as (B, L, h, D) (SDPA takes the (B, h, L, D) transp
 (B, S, H, D) (the out projection reads (B, S, H * D), no copy). Rank r's piece for rank j is one 2-D copy
 (S rows of h * D elements; cuMemcpy2DAsync, copy engine) straight into j's buffer at r's rows (q/k/v) or
 r's heads (o), from x in (B, S, H, D) / (B, L, h, D) memory order (what the projection / SDPA produce; other
-strides are copied into that order first). One stream per destination, then a signal-pad barrier on a side
-stream (every peer's pieces have landed), then an event the wait makes the current stream wait on. CUDA
-graphs capture all of it (fork / join through events, memcpy nodes, the barrier kernel).
+strides are copied into that order first). One stream per destination. Completion (XDIT_CE_SIGNAL):
+- "flag" (default): after its copies, the stream to rank j writes 1 into j's flag for (kind, slot, chunk,
+  this rank) with ``cuStreamWriteValue32`` (a memory fence first, so the data is visible before the flag).
+  The wait makes the current stream wait for its own outgoing streams (events) and then, with one
+  ``cuStreamBatchMemOp``, for every peer's flag to be 1 (``cuStreamWaitValue32``) and sets it back to 0.
+  No SM work at all: the GPU front end waits, and a rank waits only for its senders' copies, not for every
+  rank to finish the compute that overlaps them. The wait has no timeout; a dead rank ends the others
+  through torchrun (its agent stops the group), a rank that skips a transfer would hang its peers.
+- "barrier": a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times out after
+  XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM: beside a
+  matmul that holds them all it starts late, and it makes each transfer a sync of all ranks.
+CUDA graphs capture all of it (fork / join through events, memcpy nodes, memop nodes or the barrier kernel).
 
 The wait returns a VIEW of the receive buffer, so it must be consumed before the buffer is written again.
 Slots alternate per attention (decompose_ulysses gives attention i slot i % 2) and a peer writes a buffer
 only after it passed the barrier of an earlier transfer that this rank entered after consuming the buffer's
 previous contents: q/k/v of attention i are read by its SDPA, which precedes the start of its o transfer;
 o of attention i is read by what follows attention i, which precedes the q/k/v starts of attention i + 1
-(they depend on it) — and a rank starts the next transfer only after waiting for the one in between.
+(they depend on it) — and a rank starts the next transfer only after waiting for the one in between (its
+barrier, or the in-between flags: each written after the sender's copies, which its stream orders after
+the sender consumed the buffer). The same argument covers the flags: a rank resets a flag at the wait, before
+it starts the in-between transfer, and a peer sets it again only after it waited for that transfer.
 The wait also takes what the starts read (xs), so it stays allocated until the copies that read it are done.
 
 Memory: 2 slots x (q, k, v, o) receive buffers per shape, kept for the process (FLUX 1024² on 4 ranks: 8 x 7 MB;
@@ -58,7 +70,8 @@ __all__ = ["available", "a2a_start", "a2a_wait", "out_shape"]
 
 KINDS = ("q", "k", "v", "o")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
-_PENDING: dict = {}   # (group, kind, slot, chunk) -> (event, what the copies read, kept until the wait)
+_PENDING: dict = {}   # (group, kind, slot, chunk) -> (events, what the copies read, flag addresses to wait on)
+_FLAGS: dict = {}     # (group, kind, slot, chunks, device) -> completion flags (XDIT_CE_SIGNAL=flag)
 _STREAMS: dict = {}   # (device, group size) -> (per-destination streams, side stream)
 _OK: dict = {}
 _CUDA = None
@@ -83,16 +96,50 @@ class _Memcpy2D(ctypes.Structure):
                 ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
 
 
+class _MemOp(ctypes.Structure):
+    """CUstreamBatchMemOpParams (a 48-byte union) as its waitValue / writeValue member."""
+    _fields_ = [("operation", ctypes.c_uint), ("address", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint), ("alias", ctypes.c_uint64), ("pad", ctypes.c_uint64)]
+
+
+_WAIT32, _WRITE32, _WAIT_EQ = 1, 2, 0x1          # CU_STREAM_MEM_OP_WAIT/WRITE_VALUE_32, CU_STREAM_WAIT_VALUE_EQ
+
+
+def _driver_fn(lib, names, argtypes):
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            return fn
+    raise RuntimeError(f"libcuda has none of {names}")
+
+
 def _cuda():
-    """cuMemcpy2DAsync from the driver library (what every CUDA process has loaded)."""
+    """cuMemcpy2DAsync and the stream memory operations from the driver library (what every CUDA process has
+    loaded)."""
     global _CUDA
     if _CUDA is None:
         lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuMemcpy2DAsync_v2
-        fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        _CUDA = fn
+        vp, u64, u32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint
+        _CUDA = {
+            "memcpy2d": _driver_fn(lib, ["cuMemcpy2DAsync_v2"], [ctypes.POINTER(_Memcpy2D), vp]),
+            "write32": _driver_fn(lib, ["cuStreamWriteValue32_v2", "cuStreamWriteValue32"], [vp, u64, u32, u32]),
+            "batch": _driver_fn(lib, ["cuStreamBatchMemOp_v2", "cuStreamBatchMemOp"],
+                                [vp, u32, ctypes.POINTER(_MemOp), u32]),
+        }
     return _CUDA
+
+
+def _check_cu(err: int, what: str) -> None:
+    if err:
+        raise RuntimeError(f"xdit.a2a: {what} failed with CUresult {err}")
+
+
+def _signal_mode() -> str:
+    mode = os.environ.get("XDIT_CE_SIGNAL", "flag")
+    if mode not in ("flag", "barrier"):
+        raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'flag' (stream memory operations) or 'barrier'")
+    return mode
 
 
 def _memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
@@ -100,9 +147,34 @@ def _memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: 
     p.srcMemoryType = p.dstMemoryType = 2        # CU_MEMORYTYPE_DEVICE
     p.srcDevice, p.srcPitch, p.dstDevice, p.dstPitch = src, spitch, dst, dpitch
     p.WidthInBytes, p.Height = width, height
-    err = _cuda()(ctypes.byref(p), ctypes.c_void_p(stream.cuda_stream))
-    if err:
-        raise RuntimeError(f"xdit.a2a_start: cuMemcpy2DAsync failed with CUresult {err}")
+    _check_cu(_cuda()["memcpy2d"](ctypes.byref(p), ctypes.c_void_p(stream.cuda_stream)), "cuMemcpy2DAsync")
+
+
+def _flags(group_name: str, kind: str, slot: int, chunks: int, n: int, device: torch.device) -> dict:
+    """The (chunks, n) int32 flags in symmetric memory that peers set for (kind, slot): flags[c, p] = 1 when
+    rank p's pieces of chunk c have landed here. Zeroed before the collective exchange, so before any peer
+    can write them."""
+    key = (group_name, kind, slot, chunks, device)
+    st = _FLAGS.get(key)
+    if st is None:
+        def make():
+            import torch.distributed._symmetric_memory as symm_mem
+            flags = symm_mem.empty(chunks * n, dtype=torch.int32, device=device).zero_()
+            torch.cuda.synchronize(device)
+            hdl = symm_mem.rendezvous(flags, group_name)
+            off = flags.data_ptr() - hdl.buffer_ptrs[hdl.rank]
+            return {"flags": flags, "ptrs": [p + off for p in hdl.buffer_ptrs]}
+        st = _FLAGS[key] = _in_side_thread(make, device)
+    return st
+
+
+def _wait_flags(addrs: list[int], stream) -> None:
+    """On `stream`: wait until every int32 at addrs is 1, then set each back to 0 (one batch of memops)."""
+    ops = (_MemOp * (2 * len(addrs)))()
+    for i, a in enumerate(addrs):
+        ops[2 * i].operation, ops[2 * i].address, ops[2 * i].value, ops[2 * i].flags = _WAIT32, a, 1, _WAIT_EQ
+        ops[2 * i + 1].operation, ops[2 * i + 1].address = _WRITE32, a    # value 0, flags 0 (fence first)
+    _check_cu(_cuda()["batch"](ctypes.c_void_p(stream.cuda_stream), len(ops), ops, 0), "cuStreamBatchMemOp")
 
 
 def available(group_name: str, device: torch.device) -> bool:
@@ -193,8 +265,11 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     e = x.element_size()
     width = hc * d * e                                  # one token's piece, bytes
     streams, side = _streams(x.device, n)
+    flag = _signal_mode() == "flag"
+    fl = _flags(group_name, kind, slot, chunks, n, x.device) if flag else None
     cur = torch.cuda.current_stream(x.device)
     ev_in = cur.record_event()
+    events = []
     for j in range(n):
         sj = streams[j]
         sj.wait_event(ev_in)
@@ -210,11 +285,20 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
                 dst = st["ptrs"][j] + ((bi * n * rows + me * rows) * h * d + chunk * hc * d) * e
                 dpitch = h * d * e
             _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
-        side.wait_stream(sj)
+        if flag:
+            if j != me:      # rank j's flag [chunk, me]: my pieces have landed there
+                _check_cu(_cuda()["write32"](ctypes.c_void_p(sj.cuda_stream), fl["ptrs"][j] + (chunk * n + me) * 4,
+                                             1, 0), "cuStreamWriteValue32")
+            events.append(sj.record_event())
+        else:
+            side.wait_stream(sj)
+    if flag:
+        base = fl["ptrs"][me] + chunk * n * 4
+        _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me])
+        return x.new_empty(0)
     with torch.cuda.stream(side):
         st["hdl"].barrier(channel=0, timeout_ms=_timeout_ms())
-    ev_done = side.record_event()
-    _PENDING[(group_name, kind, slot, chunk)] = (ev_done, xt)
+    _PENDING[(group_name, kind, slot, chunk)] = ([side.record_event()], xt, [])
     return x.new_empty(0)
 
 
@@ -232,10 +316,15 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
     n = dist.distributed_c10d._resolve_process_group(group_name).size()
     x = xs[0]
     _, mem_shape = out_shape(kind, x.shape, n, chunks)
+    addrs = []
     for c in (range(chunks) if kind == "o" else (chunk,)):
         pending = _PENDING.pop((group_name, kind, slot, c), None)
         if pending is not None:
-            torch.cuda.current_stream(x.device).wait_event(pending[0])
+            for ev in pending[0]:   # my outgoing copies (they read xs) / the barrier
+                torch.cuda.current_stream(x.device).wait_event(ev)
+            addrs += pending[2]
+    if addrs:                       # every peer's pieces have landed here
+        _wait_flags(addrs, torch.cuda.current_stream(x.device))
     st = _BUFS.get((group_name, kind, slot, tuple(mem_shape), x.dtype, x.device))
     if st is None:
         raise RuntimeError(f"xdit.a2a_wait({kind!r}, slot {slot}) without its a2a_start")

@@ -1,0 +1,26 @@
+#!/bin/bash
+# copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag and
+# barrier completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
+# METHODS at ulysses N against the 1-GPU eager reference of the same call.
+#   bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]     (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows)
+set -u
+N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT
+nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
+if [ "${SKIP_CHECK:-0}" != 1 ]; then
+  timeout 240 torchrun --nproc_per_node $N benchmarks/ce_check.py --out $OUT/ce_check.jsonl > $OUT/ce_check.log 2>&1
+  rc=$?; grep "^{" $OUT/ce_check.log; echo "ce_check rc=$rc"
+  [ $rc = 0 ] || { tail -40 $OUT/ce_check.log; exit 1; }
+fi
+B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample 5 --subrun-timeout ${SUBRUN_S:-480}"
+X=/tmp/xb; mkdir -p $X/n$N/ref
+$B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1
+cp $X/n1/ref/*.pt $X/n$N/ref/
+$B --ns $N --models $MODEL --methods $METHODS --degs u$N --out $X/n$N > $OUT/bench_n$N.log 2>&1
+python3 benchmarks/bench.py --merge --out $X/n$N --merge-from $X/n1 --md $OUT/bench.md > /dev/null 2>&1
+cp $X/n$N/rows.jsonl $OUT/rows_n$N.jsonl; cp $X/n1/rows.jsonl $OUT/rows_n1.jsonl
+grep "^|" $OUT/bench.md | head -20
+tail -5 $OUT/bench_n$N.log
