@@ -8,7 +8,8 @@ as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
 proj_mlp's matmul, SDPA, the output transfer beside the mlp half of proj_out; ms per round for NCCL
-(all_to_all_single, no overlap), copy_engine + barrier, copy_engine + flags, and the compute alone.
+(all_to_all_single, no overlap), copy_engine + barrier, copy_engine + flags, and the compute alone; and the
+copies of one block (4 transfers) alone, as the op's 2-D pieces and as 1-D pieces of the same bytes.
 """
 from __future__ import annotations
 
@@ -186,7 +187,35 @@ def main():
             ts.append(a.elapsed_time(b) / 20)
         return statistics.median(ts[2:])
 
-    for name, step, env in (("compute only", step_compute, {}), ("nccl", step_nccl, {}),
+    # the copies alone (no completion signal): 2-D pieces as the op sends q/k/v (rows of h * D elements out of
+    # H * D) against 1-D pieces of the same bytes, one stream per peer, joined back
+    import torch.distributed._symmetric_memory as symm_mem
+    rbuf = symm_mem.empty(Sl * Hh * Dh, dtype=bf, device=dev)
+    hdl = symm_mem.rendezvous(rbuf, gname)
+    off = rbuf.data_ptr() - hdl.buffer_ptrs[rank]
+    dptr = [p + off for p in hdl.buffer_ptrs]
+    src = torch.randn(Sl, Hh * Dh, device=dev, dtype=bf)
+    streams = [torch.cuda.Stream() for _ in range(n)]
+    piece = Sl * hs * Dh * 2
+
+    def copies(two_d):
+        def step(slot):
+            ev = torch.cuda.current_stream().record_event()
+            for _ in range(4):          # q, k, v, o
+                for j in range(n):
+                    streams[j].wait_event(ev)
+                    dst = dptr[j] + rank * piece
+                    if two_d:
+                        ce_a2a._memcpy2d(dst, hs * Dh * 2, src.data_ptr() + j * hs * Dh * 2, Hh * Dh * 2, hs * Dh * 2,
+                                         Sl, streams[j])
+                    else:
+                        ce_a2a._memcpy2d(dst, piece, src.data_ptr() + j * piece, piece, piece, 1, streams[j])
+            for j in range(n):
+                torch.cuda.current_stream().wait_stream(streams[j])
+        return step
+
+    for name, step, env in (("copies 2-D alone", copies(True), {}), ("copies 1-D alone", copies(False), {}),
+                            ("compute only", step_compute, {}), ("nccl", step_nccl, {}),
                             ("ce barrier", step_ce, {"XDIT_CE_SIGNAL": "barrier"}),
                             ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"})):
         ms = timed(step, env)
