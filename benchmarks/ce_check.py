@@ -198,7 +198,10 @@ def main():
     streams = [torch.cuda.Stream() for _ in range(n)]
     piece = Sl * hs * Dh * 2
 
-    def copies(two_d):
+    def copies(two_d, split=1):
+        """split > 1: the same bytes in rows split times narrower (what more ranks / head chunks give)."""
+        w, rows = hs * Dh * 2 // split, Sl * split
+
         def step(slot):
             ev = torch.cuda.current_stream().record_event()
             for _ in range(4):          # q, k, v, o
@@ -206,15 +209,15 @@ def main():
                     streams[j].wait_event(ev)
                     dst = dptr[j] + rank * piece
                     if two_d:
-                        ce_a2a._memcpy2d(dst, hs * Dh * 2, src.data_ptr() + j * hs * Dh * 2, Hh * Dh * 2, hs * Dh * 2,
-                                         Sl, streams[j])
+                        ce_a2a._memcpy2d(dst, w, src.data_ptr() + j * w, n * w, w, rows, streams[j])
                     else:
                         ce_a2a._memcpy2d(dst, piece, src.data_ptr() + j * piece, piece, piece, 1, streams[j])
             for j in range(n):
                 torch.cuda.current_stream().wait_stream(streams[j])
         return step
 
-    for name, step, env in (("copies 2-D alone", copies(True), {}), ("copies 1-D alone", copies(False), {}),
+    cases = [(f"copies 2-D alone, rows of {hs * Dh * 2 // k} B", copies(True, k), {}) for k in (1, 2, 4)]
+    for name, step, env in (*cases, ("copies 1-D alone", copies(False), {}),
                             ("compute only", step_compute, {}), ("nccl", step_nccl, {}),
                             ("ce barrier", step_ce, {"XDIT_CE_SIGNAL": "barrier"}),
                             ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"})):
