@@ -10,6 +10,7 @@ custom op with it off. One ``run_distributed`` call runs every case (Inductor co
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 
 import pytest
@@ -233,8 +234,9 @@ def _run_case(case: dict) -> dict:
         ref = model(**inputs)[0]
     plan = xc.Plan.from_dict({"parallel": {"ulysses": 2}, "compile": {"lowering": "inductor", **case["compile"]}})
     xc.parallelize(model, plan)
+    from torch._inductor.utils import run_and_get_code
     with torch.no_grad():
-        out = model(**inputs)[0]
+        out, codes = run_and_get_code(lambda: model(**inputs)[0])
     reports = model._xdit_compiler.reports
     targets = [str(n.target) for r in reports for n in r["graph"].graph.nodes if n.op == "call_function"]
     attention = [a for r in reports for a in r["attention"]]
@@ -249,8 +251,19 @@ def _run_case(case: dict) -> dict:
                 order.append("lin")
             elif "scaled_dot_product_attention" in t:
                 order.append("sdpa")
+    code_order = []   # the same, in the order of Inductor's generated code (what runs)
+    for code in codes:
+        for line in code.splitlines():
+            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*'([qkvo])', \d+, chunk=", line)
+            if m:
+                code_order.append(("S:" if m.group(1) == "start" else "W:") + m.group(2))
+            elif re.search(r"extern_kernels\.(addmm|mm)\(", line):
+                code_order.append("lin")
+            elif re.search(r"= torch\.ops\.aten\._scaled_dot_product_\w+\.default\(", line):
+                code_order.append("sdpa")
     return {
         "order": order,
+        "code_order": code_order,
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
@@ -314,11 +327,14 @@ def test_copy_engine_matches(key):
         assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
 
 
-def test_copy_engine_schedule():
+@pytest.mark.parametrize("which", ["order", "code_order"])
+def test_copy_engine_schedule(which):
     """Tiny Flux (1 double + 1 single block): every q/k/v transfer starts before the first wait; v's transfer
     starts before k's and q's projections; in the single block proj_mlp runs between the q/k/v starts and
-    their waits, and the split-off mlp half of proj_out between the output's start and wait."""
-    order = _results("flux_ce")[0]["order"]
+    their waits, and the split-off mlp half of proj_out between the output's start and wait. Checked on the fx
+    graph our pass wrote ("order") and on the code Inductor generated from it ("code_order": its post-grad
+    reorder_for_locality would put every start right before its wait, so the lowering turns it off)."""
+    order = _results("flux_ce")[0][which]
     att = [i for i, x in enumerate(order) if x == "sdpa"]
     assert len(att) == 2, order
     for a, lo in zip(att, (0, att[0] + 1)):

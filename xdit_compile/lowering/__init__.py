@@ -24,8 +24,11 @@ def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: 
         # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
         patches = {"triton.cudagraphs": True} if cudagraphs else {}
         if any(n.target is _a2a_start() for n in gm.graph.nodes):
-            # schedule_transfers ordered the graph around the copy-engine transfers; keep that order
+            # schedule_transfers ordered the graph around the copy-engine transfers; keep that order. Inductor's
+            # post-grad reorder_for_locality would move each start right before its wait (a start's only user)
+            # and so serialise every transfer; reorder_for_peak_memory would move waits up.
             patches["reorder_for_peak_memory"] = False
+            patches["reorder_for_locality"] = False
         if overlap:
             patches.update({"reorder_for_compute_comm_overlap": True,
                             "reorder_for_compute_comm_overlap_passes": list(OVERLAP_PASSES)})
