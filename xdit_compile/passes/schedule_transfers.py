@@ -23,7 +23,8 @@ runtime/ce_a2a.py). A transfer started early and waited for late costs nothing w
    Within a class the original order decides, so the result is deterministic and the same on every rank
    (the collectives stay in the same order everywhere).
 
-Inductor keeps this order: the lowering turns off its peak-memory reordering when the graph holds a2a_start.
+Inductor keeps this order: the lowering turns off its peak-memory reordering and its post-grad reorder_for_locality
+(which would move every start right before its wait, its only user) when the graph holds a2a_start.
 """
 from __future__ import annotations
 
