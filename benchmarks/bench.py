@@ -970,7 +970,7 @@ def driver(args):
                     try:
                         rc = proc.wait(timeout=limit)
                     except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers, nothing else
+                        _kill_tree(proc.pid)  # torchrun and its workers (they may sit in sessions of their own)
                         proc.wait()
                         rc = f"timeout after {limit:.0f}s"
                 print(f"[{time.time() - T0:7.1f}s]   rc={rc} in {time.time() - t:.0f}s", flush=True)
@@ -983,6 +983,34 @@ def driver(args):
                             write_row(args.out, dict(key=k, model=mm, method=meth, n=n, deg=dd, ms=None,
                                                      note=f"n/a: sub-run exited rc={rc}: ...{tail[-120:]}"))
     return merge(args.out, md_path=args.md, png_path=args.png)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL pid's process group and every descendant of pid (torchrun may start its workers in new sessions,
+    out of reach of killpg; left alive they keep the GPUs and write rows after the driver has moved on)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def main():
