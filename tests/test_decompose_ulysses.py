@@ -10,6 +10,7 @@ custom op with it off. One ``run_distributed`` call runs every case (Inductor co
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 
@@ -143,12 +144,15 @@ def _ce_op(rank: int, world_size: int) -> dict:
     out["chunks"] = all(torch.equal(yc, full[:, rank * h + c:rank * h + c + 1]) for c, yc in enumerate(ys))
     ts = [start(yc.contiguous(), g, "o", 0, c, 2) for c, yc in enumerate(ys)]
     out["chunks_o"] = torch.equal(wait(ts, ys, g, "o", 0, 0, 2), x)
-    for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0)}.items():
+    for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
+                       "signal": (x, g, "q", 0)}.items():
+        os.environ["XDIT_CE_SIGNAL"] = "flags" if name == "signal" else "flag"
         try:
             torch.ops.xdit.a2a_start(*args)
             out[name] = ""
         except ValueError as e:
             out[name] = str(e)
+    os.environ.pop("XDIT_CE_SIGNAL")
     return out
 
 
@@ -157,6 +161,7 @@ def test_copy_engine_op_on_cpu():
     for rank, r in enumerate(run_distributed(_ce_op, 2, timeout=120)):
         assert r["qkv"] and r["o"] and r["chunks"] and r["chunks_o"] and not r["path"], f"rank {rank}: {r}"
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
+        assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"], r
 
 
 def test_symm_mem_refuses_chunks():

@@ -238,6 +238,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
+    flag = _signal_mode() == "flag"     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x, ce)
@@ -265,7 +266,6 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     e = x.element_size()
     width = hc * d * e                                  # one token's piece, bytes
     streams, side = _streams(x.device, n)
-    flag = _signal_mode() == "flag"
     fl = _flags(group_name, kind, slot, chunks, n, x.device) if flag else None
     cur = torch.cuda.current_stream(x.device)
     ev_in = cur.record_event()
