@@ -17,6 +17,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
+from gpu_util import init_nccl
 
 
 def timed(fn, iters=20, warmup=3):
@@ -40,11 +41,7 @@ def main():
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[7, 21, 28, 78])
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    lr = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(lr)
-    dev = torch.device("cuda", lr)
-    dist.init_process_group("nccl", device_id=dev)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    dev, rank, n = init_nccl()
     rows = []
     env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_") and "NVLS" not in k}
 

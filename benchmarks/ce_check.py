@@ -21,6 +21,7 @@ import statistics
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from gpu_util import init_nccl
 
 ROUNDS = 8
 
@@ -29,11 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    lr = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(lr)
-    dev = torch.device("cuda", lr)
-    dist.init_process_group("nccl", device_id=dev)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    dev, rank, n = init_nccl()
     import xdit_compile  # noqa: F401  (registers the ops)
     from xdit_compile.runtime import ce_a2a
     gname = dist.group.WORLD.group_name

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
+from gpu_util import init_nccl
 
 ITERS = 20
 
@@ -42,11 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    lr = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(lr)
-    dev = torch.device("cuda", lr)
-    dist.init_process_group("nccl", device_id=dev)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    dev, rank, n = init_nccl()
     import torch.distributed._symmetric_memory as symm
     import xdit_compile  # noqa: F401  (registers xdit::symm_all_to_all)
     gname = dist.group.WORLD.group_name
