@@ -177,3 +177,11 @@ def test_unsupported_reason():
 def test_dynamic_shapes_are_refused_clearly():
     reason = Plan.from_dict({"compile": {"dynamic": True}}).unsupported_reason()
     assert reason is not None and "compile.dynamic" in reason and "static shapes" in reason
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_example_plans_load(path):
+    """Every plan under examples/ is valid: known keys, degrees that multiply, known modes."""
+    plan = load_plan(path)
+    assert plan.parallel.world_size >= 1 and plan.model
