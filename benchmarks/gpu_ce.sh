@@ -3,7 +3,7 @@
 # barrier completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
 #   [PROFILE=1] [CALLS=5] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
-#   with PROFILE=1 the copy_engine step's profile)
+#   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 set -u
 N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -28,6 +28,6 @@ tail -5 $OUT/bench_n$N.log
 if [ -n "${PROFILE:-}" ]; then   # PROFILE=1: the copy_engine step's profile by kernel kind, in what is left of 570 s
   left=$((570 - SECONDS)); [ $left -gt 60 ] && timeout $left torchrun --nproc_per_node $N benchmarks/profile_step.py \
     --model $MODEL --ulysses $N --lowering inductor --cudagraphs --all-to-all copy_engine \
-    --out $OUT/profile_${MODEL}_ce.md > $OUT/profile.log 2>&1; echo "profile rc=$? at ${SECONDS}s"
+    --trace $OUT/trace_${MODEL}_ce.json.gz ${PROFILE_ARGS:-} --out $OUT/profile_${MODEL}_ce.md > $OUT/profile.log 2>&1; echo "profile rc=$? at ${SECONDS}s"
   cat $OUT/profile_${MODEL}_ce.md 2>/dev/null | head -30
 fi
