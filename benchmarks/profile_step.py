@@ -50,7 +50,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.md")
-    ap.add_argument("--trace", default="", help="also write rank 0's chrome trace here (.json.gz)")
+    ap.add_argument("--trace", default="", help="also write rank 0's chrome trace here (.json.gz); "
+                    "a path with {rank} makes every rank write its own")
     ap.add_argument("--ops", action="store_true", help="add the CPU ops that launched the most GPU time "
                     "(with input shapes; meaningful without --cudagraphs, where kernels keep their launcher)")
     args = ap.parse_args()
@@ -107,6 +108,8 @@ def main():
                 m(**inputs)
             sync()
             wall = (time.perf_counter() - t) / args.steps * 1e3
+    if args.trace and "{rank}" in args.trace:
+        prof.export_chrome_trace(args.trace.format(rank=rank))
     if rank == 0:
         per: dict[str, float] = {}
         top: dict[str, float] = {}
@@ -139,7 +142,7 @@ def main():
         for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:15]:
             lines.append(f"| `{name[:90]}` | {kind(name)} | {us / 1e3:.2f} |")
         text = "\n".join(lines) + "\n"
-        if args.trace:
+        if args.trace and "{rank}" not in args.trace:
             prof.export_chrome_trace(args.trace)
         print(text, flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
