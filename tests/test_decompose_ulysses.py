@@ -335,10 +335,12 @@ def test_copy_engine_matches(key):
 @pytest.mark.parametrize("which", ["order", "code_order"])
 def test_copy_engine_schedule(which):
     """Tiny Flux (1 double + 1 single block): every q/k/v transfer starts before the first wait; v's transfer
-    starts before k's and q's projections; in the single block proj_mlp runs between the q/k/v starts and
+    starts before k's and q's projections, k's before q's projection; in the single block proj_mlp runs between the q/k/v starts and
     their waits, and the split-off mlp half of proj_out between the output's start and wait. Checked on the fx
     graph our pass wrote ("order") and on the code Inductor generated from it ("code_order": its post-grad
-    reorder_for_locality would put every start right before its wait, so the lowering turns it off)."""
+    reorder_for_locality would put every start right before its wait, so the lowering turns it off; its
+    horizontal fusion would merge k's norm + rotary into q's, after q's projection, so the lowering forbids
+    horizontal fusion of a kernel that feeds a start)."""
     order = _results("flux_ce")[0][which]
     att = [i for i, x in enumerate(order) if x == "sdpa"]
     assert len(att) == 2, order
@@ -348,6 +350,7 @@ def test_copy_engine_schedule(which):
         qkv_waits = [i for i, x in enumerate(part) if x in ("W:q", "W:k", "W:v")]
         assert len(qkv_starts) == len(qkv_waits) == 3 and max(qkv_starts) < min(qkv_waits), part
         assert part.index("S:v") < max(qkv_starts), f"v first (smallest cone): {part}"
+        assert "lin" in part[part.index("S:k"):part.index("S:q")], f"k moves while q is projected: {part}"
     assert "schedule_transfers: 1 linear(cat) split" in _results("flux_ce")[0]["explain"]
     single = order[att[0] + 1:att[1]]
     single = single[single.index("W:o") + 1:]                 # after the double block's output transfer

@@ -26,13 +26,26 @@ def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: 
         if any(n.target is _a2a_start() for n in gm.graph.nodes):
             # schedule_transfers ordered the graph around the copy-engine transfers; keep that order. Inductor's
             # post-grad reorder_for_locality would move each start right before its wait (a start's only user)
-            # and so serialise every transfer; reorder_for_peak_memory would move waits up.
+            # and so serialise every transfer; reorder_for_peak_memory would move waits up. StartChoices keeps
+            # a kernel that feeds a start out of horizontal fusions (k's rotary would wait for q's projection).
             patches["reorder_for_peak_memory"] = False
             patches["reorder_for_locality"] = False
+            from .choices import StartChoices as choices
+            from torch._inductor import config as inductor_config
+            if hasattr(inductor_config, "inductor_choices_class"):   # keys the FX graph cache
+                patches["inductor_choices_class"] = choices
+            else:                                                    # older torch: nothing would key it
+                patches["fx_graph_cache"] = False
+        else:
+            choices = None
         if overlap:
             patches.update({"reorder_for_compute_comm_overlap": True,
                             "reorder_for_compute_comm_overlap_passes": list(OVERLAP_PASSES)})
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        if choices is None:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        from torch._inductor.virtualized import V
+        with V.set_choices_handler(choices()):
+            return compile_fx(gm, example_inputs, config_patches=patches)
     if lowering == "onediff":
         try:
             import onediff  # noqa: F401
