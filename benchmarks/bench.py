@@ -27,7 +27,8 @@ Methods:
              queries on all heads, instead of the two all-to-alls)  (N>1)
   xdit_cg_ce xdit_cg with compile.all_to_all = "copy_engine" (q, k, v and the output moved by the copy engines
              straight into the peers' buffers, started early and waited for late, compute in between; completion
-             by stream-memop flags)  (N>1); xdit_cg_ceb the same with XDIT_CE_SIGNAL=barrier (a barrier kernel);
+             as XDIT_CE_SIGNAL's default: a barrier kernel since 2026-11-27 session 9, stream-memop flags before)  (N>1);
+             xdit_cg_ceb the same with XDIT_CE_SIGNAL=barrier, xdit_cg_cef with XDIT_CE_SIGNAL=flag;
              xdit_cg_ce_c2 / _c3 / _c5 the same with compile.ulysses_chunks = 2 / 3 / 5 (attention per head chunk, each
              chunk's transfers beside the neighbouring chunk's attention)
   xdit_cg_nomod  xdit_cg with compile.shard_modulation = false: every rank computes the AdaLN modulation linears
@@ -91,6 +92,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_ag": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "allgather_kv"},
                 "xdit_cg_ce": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
                 "xdit_cg_ceb": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
+                "xdit_cg_cef": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
                 "xdit_cg_ce_c2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                   "ulysses_chunks": 2},
                 "xdit_cg_ce_c3": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -100,7 +102,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_nomod": {"lowering": "inductor", "cudagraphs": True, "shard_modulation": False},
                 "xdit_cg_smnm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem",
                                  "shard_modulation": False}, **CHUNKED}
-XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}}  # environment while the method builds and runs
+XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}, "xdit_cg_cef": {"XDIT_CE_SIGNAL": "flag"}}  # environment while the method builds and runs
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
 METHODS = [*MAIN_METHODS, "xfuser"]
@@ -108,7 +110,7 @@ DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -736,6 +738,7 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_cg_sm": "xdit_compile (Inductor + CUDA graphs, symm-mem all-to-all)",
                 "xdit_cg_ag": "xdit_compile (Inductor + CUDA graphs, all-gather k/v)",
                 "xdit_cg_ce": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all beside compute)",
+                "xdit_cg_cef": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, stream-memop flags)",
                 "xdit_cg_ceb": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, barrier kernel)",
                 "xdit_cg_ce_c2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 2 head chunks)",
                 "xdit_cg_ce_c3": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 3 head chunks)",

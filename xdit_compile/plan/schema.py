@@ -180,9 +180,9 @@ class CompileConfig:
     heads; fewer, larger transfers, no return trip), or copy_engine (``xdit::a2a_start`` / ``a2a_wait``: q, k, v
     and the output are copied by the GPUs' copy engines straight into the peers' buffers, in the layouts SDPA
     and the out projection read, while independent compute runs (the schedule_transfers pass places it);
-    completion by stream-memop flags, no SM work (``XDIT_CE_SIGNAL=barrier``: a barrier kernel with a timeout);
-    falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4 on 4 x H200 41.3 ms/step
-    against 46.1 with nccl)."""
+    completion by a barrier kernel with a timeout (``XDIT_CE_SIGNAL=flag``: stream-memop flags, no SM work, no
+    timeout, slower on 4 GPUs); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4
+    on 4 x H100 40.5 ms/step; on 4 x H200 41.3 (flags) against 46.1 with nccl)."""
     shard_modulation: bool = True
     """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
     linears (AdaLN ``linear(silu(temb))``, the same on every rank) and one all-gather shares them, so each rank

@@ -25,16 +25,18 @@ its consumer reads it: q/k/v as (B, L, h, D) (SDPA takes the (B, h, L, D) transp
 (S rows of h * D elements; cuMemcpy2DAsync, copy engine) straight into j's buffer at r's rows (q/k/v) or
 r's heads (o), from x in (B, S, H, D) / (B, L, h, D) memory order (what the projection / SDPA produce; other
 strides are copied into that order first). One stream per destination. Completion (XDIT_CE_SIGNAL):
-- "flag" (default): after its copies, the stream to rank j writes 1 into j's flag for (kind, slot, chunk,
+- "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
+  out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
+  and makes each transfer a sync of all ranks. Faster than flags on 4 GPUs (FLUX 1024² ulysses 4, 4 x H100:
+  40.5 against 42.2 ms/step), equal on 2 (2 x H200: 76.4 / 76.0): the flag wait ends ~40 us after the last
+  peer's flag write, the barrier kernel polls from an SM.
+- "flag": after its copies, the stream to rank j writes 1 into j's flag for (kind, slot, chunk,
   this rank) with ``cuStreamWriteValue32`` (a memory fence first, so the data is visible before the flag).
   The wait makes the current stream wait for its own outgoing streams (events) and then, with one
   ``cuStreamBatchMemOp``, for every peer's flag to be 1 (``cuStreamWaitValue32``) and sets it back to 0.
   No SM work at all: the GPU front end waits, and a rank waits only for its senders' copies, not for every
   rank to finish the compute that overlaps them. The wait has no timeout; a dead rank ends the others
   through torchrun (its agent stops the group), a rank that skips a transfer would hang its peers.
-- "barrier": a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times out after
-  XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM and makes
-  each transfer a sync of all ranks; on 2 x H200 both modes give the same step time (FLUX 1024²: 76.0 / 76.4 ms).
 CUDA graphs capture all of it (fork / join through events, memcpy nodes, memop nodes or the barrier kernel).
 
 The wait returns a VIEW of the receive buffer, so it must be consumed before the buffer is written again.
@@ -136,9 +138,9 @@ def _check_cu(err: int, what: str) -> None:
 
 
 def _signal_mode() -> str:
-    mode = os.environ.get("XDIT_CE_SIGNAL", "flag")
+    mode = os.environ.get("XDIT_CE_SIGNAL", "barrier")
     if mode not in ("flag", "barrier"):
-        raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'flag' (stream memory operations) or 'barrier'")
+        raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'barrier' (the default, a barrier kernel) or 'flag' (stream memory operations)")
     return mode
 
 
