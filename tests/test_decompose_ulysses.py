@@ -335,8 +335,9 @@ def test_copy_engine_matches(key):
 @pytest.mark.parametrize("which", ["order", "code_order"])
 def test_copy_engine_schedule(which):
     """Tiny Flux (1 double + 1 single block): every q/k/v transfer starts before the first wait; v's transfer
-    starts before k's and q's projections, k's before q's projection; in the single block proj_mlp runs between the q/k/v starts and
-    their waits, and the split-off mlp half of proj_out between the output's start and wait. Checked on the fx
+    starts before k's and q's projections, k's before q's projection; in the single block proj_mlp runs between
+    the q/k/v starts and their waits, and the split-off mlp half of proj_out between the output's start and
+    wait. Checked on the fx
     graph our pass wrote ("order") and on the code Inductor generated from it ("code_order": its post-grad
     reorder_for_locality would put every start right before its wait, so the lowering turns it off; its
     horizontal fusion would merge k's norm + rotary into q's, after q's projection, so the lowering forbids
