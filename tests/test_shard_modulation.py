@@ -124,6 +124,9 @@ def test_plan_switch():
     assert Plan.from_dict({"compile": {"shard_modulation": False}}).compile.shard_modulation is False
     with pytest.raises(ValueError, match="compile.shard_modulation must be a bool"):
         Plan.from_dict({"compile": {"shard_modulation": "yes"}})
+    assert Plan.from_dict({}).compile.fuse_modulation is False
+    with pytest.raises(ValueError, match="fuse_modulation = true needs compile.shard_modulation = true"):
+        Plan.from_dict({"compile": {"shard_modulation": False, "fuse_modulation": True}})
 
 
 # --- end to end: two gloo ranks -----------------------------------------------------------------------
@@ -133,6 +136,7 @@ CASES = {
     "flux": {"model": "flux", "compile": {}},
     "flux_off": {"model": "flux", "compile": {"shard_modulation": False}},
     "flux_inductor": {"model": "flux", "compile": {"lowering": "inductor"}},
+    "flux_fused": {"model": "flux", "compile": {"lowering": "inductor", "fuse_modulation": True}},
     "flux_all": {"model": "flux", "compile": {}, "min_bytes": 0},     # the embedder chains too: 7 gathers
     "sd3": {"model": "sd3", "compile": {}},
 }
@@ -171,6 +175,7 @@ def _run_case_with_threshold(case: dict) -> dict:
         "n_gather": sum(str(n.target) == GATHER for n in nodes),
         "n_sliced": sum(n.target is torch._C._nn.linear and str(n.args[1].target) == "aten.slice.Tensor"
                         for n in nodes),
+        "n_fused": sum(str(n.target) == "xdit.fused_linear.default" for n in nodes),
         "groups": [m["linears"] for r in reports for m in r.get("modulation", ())],
         "explain": xc.explain(model),
     }
@@ -208,6 +213,14 @@ def test_flux_modulation_sharded(key):
         if key == "flux":
             assert r["n_sliced"] == 4
         assert "modulation: 4 linears of silu" in r["explain"] and "one all-gather" in r["explain"]
+
+
+def test_flux_modulation_fused():
+    """compile.fuse_modulation under Inductor: the group is one xdit.fused_linear over its members' local rows."""
+    for rank, r in enumerate(_results("flux_fused")):
+        assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["groups"] == [4] and r["n_gather"] == 1 and r["n_sliced"] == 0 and r["n_fused"] == 1, r
+        assert "one GEMV, one all-gather" in r["explain"], r["explain"]
 
 
 def test_flux_all_groups():

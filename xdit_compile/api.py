@@ -305,7 +305,8 @@ def format_reports(reports) -> str:
             lines.append(f"  modulation: {m['linears']} linear{'s' * (m['linears'] != 1)} of {m['input']} sharded over "
                          f"{m['ranks']} sequence "
                          f"ranks ({_human(m['weight_bytes'])} of weights -> {_human(m['weight_bytes'] // m['ranks'])}"
-                         f" per rank), one all-gather, {m['gather_bytes']:,} B sent")
+                         f" per rank){', one GEMV' if m.get('fused') else ''}, one all-gather, "
+                         f"{m['gather_bytes']:,} B sent")
         for e in rep["events"]:
             total += e.get("bytes", 0)
             if e["kind"] == "shard":

@@ -41,6 +41,7 @@ class CompileContext:
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
     all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
     shard_modulation: bool = True      # plan.compile.shard_modulation
+    fuse_modulation: bool = False      # plan.compile.fuse_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
 
@@ -111,7 +112,8 @@ class XditCompiler:
                              decompose_collectives=self.plan.compile.decompose_collectives,
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
                              all_to_all=self.plan.compile.all_to_all,
-                             shard_modulation=self.plan.compile.shard_modulation)
+                             shard_modulation=self.plan.compile.shard_modulation,
+                             fuse_modulation=self.plan.compile.fuse_modulation)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

@@ -28,6 +28,10 @@ Terms:
              g = wait(all_gather_into_tensor(cat([l_0 .. l_9], -1), N, sp)).unflatten(0, [N, -1])
              e_i = g[..., off_i:off_i+c_i].movedim(0, -2).flatten(-2)  (at linear i's old place)
 
+compile.fuse_modulation: the l_i become ONE ``xdit.fused_linear(s, key)`` over this rank's rows of every w_i
+(and b_i) concatenated at compile time from the real parameters (runtime/fused_linear.py); its output is the
+``cat`` above.
+
 Legend: N sp ranks, r this rank's index in the sp group, c_i = out_features_i / N, off_i = c_0 + .. + c_{i-1}.
 The gathered tensor holds the ranks along dim 0; no shape argument holds a local size, so the rewrite is right
 for cfg-local batches and symbolic shapes. New nodes get fake `example_value`s (full-size meta invariant).
@@ -40,7 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..runtime import tokens
+from ..runtime import fused_linear, tokens
 
 MIN_GROUP_BYTES = 32 << 20
 """A group's weights must reach this many bytes (tests lower it for tiny models)."""
@@ -68,14 +72,19 @@ def shard_modulation_pass(gm: fx.GraphModule, ctx) -> bool:
             continue
         rec = {"input": _peel(lins[0].args[0]).name, "linears": len(lins), "ranks": num,
                "weight_bytes": weight_bytes}
-        rec["gather_bytes"] = _rewrite(gm.graph, lins, num, ctx.sp_rank, ctx.group_name("sp"))
+        fused = _fused_weights(gm, lins, num, ctx) if getattr(ctx, "fuse_modulation", False) else None
+        rec["gather_bytes"] = _rewrite(gm.graph, lins, num, ctx.sp_rank, ctx.group_name("sp"), fused)
+        if fused is not None:
+            rec["fused"] = True
         ctx.modulation_report.append(rec)
         changed = True
     return changed
 
 
-def _rewrite(g: fx.Graph, lins: list[fx.Node], num: int, rank: int, group: str) -> int:
-    """Shard one group; returns the bytes this rank sends ((N - 1) x its local piece, as a ring all-gather)."""
+def _rewrite(g: fx.Graph, lins: list[fx.Node], num: int, rank: int, group: str, fused=None) -> int:
+    """Shard one group; returns the bytes this rank sends ((N - 1) x its local piece, as a ring all-gather).
+    fused: the key of the group's concatenated local rows (compile.fuse_modulation): one xdit.fused_linear
+    instead of one linear per member."""
     x = _peel(lins[0].args[0])
     if _cse_able(x) and x.all_input_nodes:   # the one copy all linears read: right after its inputs, in no block
         x.meta.pop("nn_module_stack", None)
@@ -86,13 +95,16 @@ def _rewrite(g: fx.Graph, lins: list[fx.Node], num: int, rank: int, group: str) 
     anchor = max([x, *params], key=order.__getitem__)
     sizes = [_arg(lin, 1, "weight").meta["example_value"].shape[0] // num for lin in lins]
     with g.inserting_before(anchor.next):
-        local = []
-        for lin, c in zip(lins, sizes):
-            w, b = _arg(lin, 1, "weight"), _arg(lin, 2, "bias")
-            w = _call(g, aten.slice.Tensor, w, 0, rank * c, (rank + 1) * c)
-            b = b if b is None else _call(g, aten.slice.Tensor, b, 0, rank * c, (rank + 1) * c)
-            local.append(_call(g, lin.target, x, w, b))
-        cat = _call(g, aten.cat.default, local, -1)                                  # (..., sum c_i)
+        if fused is None:
+            local = []
+            for lin, c in zip(lins, sizes):
+                w, b = _arg(lin, 1, "weight"), _arg(lin, 2, "bias")
+                w = _call(g, aten.slice.Tensor, w, 0, rank * c, (rank + 1) * c)
+                b = b if b is None else _call(g, aten.slice.Tensor, b, 0, rank * c, (rank + 1) * c)
+                local.append(_call(g, lin.target, x, w, b))
+            cat = _call(g, aten.cat.default, local, -1)                              # (..., sum c_i)
+        else:
+            cat = _call(g, torch.ops.xdit.fused_linear.default, x, fused)             # the same, one GEMV
         gathered = _call(g, c10d.all_gather_into_tensor.default, cat, num, group)     # (N * first dim, ...)
         gathered = _call(g, aten.unflatten.int, _call(g, c10d.wait_tensor.default, gathered), 0, [num, -1])
     off = 0
@@ -112,6 +124,41 @@ def _rewrite(g: fx.Graph, lins: list[fx.Node], num: int, rank: int, group: str) 
             old_x = nxt
     v = cat.meta.get("example_value")
     return int(v.numel() * v.element_size() * (num - 1)) if isinstance(v, torch.Tensor) else 0
+
+
+def _fused_weights(gm: fx.GraphModule, lins: list[fx.Node], num: int, ctx):
+    """compile.fuse_modulation: the key of this rank's rows of every member's weight and bias, concatenated once
+    (runtime/fused_linear.py), or None where the real tensors are not at hand (then one linear per member)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = list(getattr(ctx, "example_inputs", None) or ())
+
+    def real(node):
+        if node is None:
+            return None
+        if node.op == "get_attr":
+            t = gm
+            for part in node.target.split("."):
+                t = getattr(t, part, None)
+        elif node.op == "placeholder" and len(inputs) == len(placeholders):
+            t = inputs[placeholders.index(node)]
+        else:
+            t = None
+        fake = isinstance(t, torch._subclasses.FakeTensor)
+        return t if isinstance(t, torch.Tensor) and not fake and t.device.type != "meta" else None
+
+    ws, bs, rows = [], [], []
+    for lin in lins:
+        w, bnode = real(_arg(lin, 1, "weight")), _arg(lin, 2, "bias")
+        b = real(bnode)
+        if w is None or (bnode is not None and b is None):
+            return None
+        c = w.shape[0] // num
+        ws.append(w)
+        bs.append(b)
+        rows.append((ctx.sp_rank * c, (ctx.sp_rank + 1) * c))
+    if len({(w.dtype, w.device) for w in ws}) != 1:
+        return None
+    return fused_linear.hold(ws, bs, rows)
 
 
 def _candidate(n: fx.Node, num: int, varies: set, mutated: set, shard) -> bool:

@@ -7,3 +7,4 @@ except ImportError:  # pragma: no cover - only while the module is being written
 from . import pipefusion  # noqa: F401,E402
 from . import symm_a2a  # noqa: F401,E402
 from . import ce_a2a  # noqa: F401,E402
+from . import fused_linear  # noqa: F401,E402

@@ -1,0 +1,46 @@
+"""xdit::fused_linear: one linear over weights concatenated once, at compile time (compile.fuse_modulation).
+
+shard_modulation turns a group of per-sample modulation linears (all reading the same silu(temb)) into one
+linear per member over this rank's rows. With fuse_modulation the rows of all members are concatenated ONCE
+into one weight held here, and the graph calls ``torch.ops.xdit.fused_linear(x, key)``: one GEMV (FLUX: 1
+instead of 77). The weight lives in this module, not in the graph, so neither aot_autograd nor Inductor sees a
+new parameter or constant; CUDA graphs capture the GEMV on the held tensor.
+
+The concatenation is a copy (1/N of the group's weights per rank) and does not follow weights changed in
+place after the compile. Concatenations are shared by key: the same weights, rows and rank give the same copy,
+so a recompile (another resolution) adds no memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_HELD: dict[str, tuple[Tensor, Tensor | None]] = {}
+
+
+def hold(weights: list[Tensor], biases: list[Tensor | None], rows: list[tuple[int, int]]) -> str:
+    """Concatenate rows [a, b) of every weight (and bias; zeros where a member has none); returns the key."""
+    key = "|".join(f"{w.data_ptr():x}:{a}:{b}:{'' if bi is None else f'{bi.data_ptr():x}'}"
+                   for w, bi, (a, b) in zip(weights, biases, rows))
+    if key not in _HELD:
+        with torch.no_grad():
+            w = torch.cat([w[a:b] for w, (a, b) in zip(weights, rows)])
+            bias = None
+            if any(bi is not None for bi in biases):
+                bias = torch.cat([w_[a:b].new_zeros(b - a) if bi is None else bi[a:b]
+                                  for w_, bi, (a, b) in zip(weights, biases, rows)])
+        _HELD[key] = (w, bias)
+    return key
+
+
+@torch.library.custom_op("xdit::fused_linear", mutates_args=())
+def fused_linear(x: Tensor, key: str) -> Tensor:
+    w, b = _HELD[key]
+    return F.linear(x, w, b)
+
+
+@fused_linear.register_fake
+def _(x: Tensor, key: str) -> Tensor:
+    w, _ = _HELD[key]
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
