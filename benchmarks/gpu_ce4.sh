@@ -1,8 +1,9 @@
 #!/bin/bash
-# FLUX 1024² on 4 GPUs in one device call (< 10 min): the 1-GPU eager reference, then copy_engine with flags
-# and with the barrier kernel, twice: with the default CUDA_DEVICE_MAX_CONNECTIONS and with 32 (more hardware
-# queues, so the copies to the 3 peers may run at once). Later sub-runs hit the FX graph cache of the first.
-#   bash benchmarks/gpu_ce4.sh [MODEL] [METHODS]   (results: $OUT/bench_default.md, $OUT/bench_conn32.md, rows)
+# MODEL (FLUX 1024²) on 4 GPUs in one device call (< 10 min): the 1-GPU eager reference, then METHODS at ulysses 4
+# once per variant in VARIANTS: "default", and "conn32" (CUDA_DEVICE_MAX_CONNECTIONS=32: more hardware queues;
+# session 9 ran both, conn32 was slower). A later sub-run of the same graph hits the FX graph cache of the first.
+#   [VARIANTS="default conn32"] bash benchmarks/gpu_ce4.sh [MODEL] [METHODS]
+#   (results: $OUT/bench_<variant>.md, rows_<variant>.jsonl, rows_n1.jsonl, logs.tgz)
 set -u
 MODEL=${1:-flux1024}; METHODS=${2:-xdit_cg_ce,xdit_cg_ceb}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,7 +13,7 @@ OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT
 B="python3 benchmarks/bench.py --driver --gpus 4 --calls-per-sample 5 --subrun-timeout ${SUBRUN_S:-330}"
 X=/tmp/xb; mkdir -p $X
 $B --ns 1 --models $MODEL --methods eager --out $X/n1 > $X/n1.log 2>&1
-for v in default conn32; do
+for v in ${VARIANTS:-default}; do
   mkdir -p $X/$v/ref; cp $X/n1/ref/*.pt $X/$v/ref/
   if [ $v = conn32 ]; then export CUDA_DEVICE_MAX_CONNECTIONS=32; fi
   $B --ns 4 --models $MODEL --methods $METHODS --degs u4 --out $X/$v > $X/$v.log 2>&1
@@ -20,4 +21,4 @@ for v in default conn32; do
   cp $X/$v/rows.jsonl $OUT/rows_$v.jsonl; echo "== $v at ${SECONDS}s"; grep "^| [14] " $OUT/bench_$v.md
 done
 cp $X/n1/rows.jsonl $OUT/rows_n1.jsonl; nvidia-smi --query-gpu=name --format=csv > $OUT/gpus.txt
-tar -czf $OUT/logs.tgz -C $X n1.log default.log conn32.log n1/logs default/logs conn32/logs 2>/dev/null
+(cd $X && tar -czf $OUT/logs.tgz n1.log n1/logs $(for v in ${VARIANTS:-default}; do echo $v.log $v/logs; done) 2>/dev/null)
