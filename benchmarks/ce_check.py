@@ -3,7 +3,7 @@ a block-shaped loop.
 
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
-Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, XDIT_CE_SIGNAL = flag and barrier, eagerly and
+Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N), XDIT_CE_SIGNAL = flag and barrier, eagerly and
 as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention" -> o that alternate slots, as
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
@@ -29,6 +29,7 @@ ROUNDS = 8
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
+    ap.add_argument("--exact-only", action="store_true", help="the correctness checks only, no timing")
     args = ap.parse_args()
     dev, rank, n = init_nccl()
     import xdit_compile  # noqa: F401  (registers the ops)
@@ -60,55 +61,66 @@ def main():
     B, H, S, D = 1, 8 * n, 96, 64
     bf = torch.bfloat16
 
-    def block(q, k, v, slot, chunks):
-        """what decompose_ulysses emits for one attention (attention = q * k + v, elementwise)."""
+    def attend(q, k, v):
+        """stands in for attention: row by row in q, independent of the order of the keys (as SDPA without a
+        mask), exact in any order of evaluation."""
+        return (q.float() * k.float().amax(2, keepdim=True) + v.float().amin(2, keepdim=True)).to(bf)
+
+    def block(q, k, v, slot, chunks, parts=1):
+        """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q)."""
+        if parts > 1:
+            toks = [ops.a2a_start(t, gname, kd, slot) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
+            vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot) for tk, t, kd in zip(toks, (v, k, q), ("v", "k", "qr")))
+            outs = [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)]
+            toks = [ops.a2a_start(o, gname, "op", slot, p, parts) for p, o in enumerate(outs)]
+            return ops.a2a_wait(toks, outs, gname, "op", slot, 0, parts).clone()
         outs = []
         for c in range(chunks):
             toks = [ops.a2a_start(t, gname, kd, slot, c, chunks) for t, kd in ((q, "q"), (k, "k"), (v, "v"))]
             qq, kk, vv = (ops.a2a_wait([tk], [t], gname, kd, slot, c, chunks)
                           for tk, t, kd in zip(toks, (q, k, v), "qkv"))
-            o = (qq.float() * kk.float() + vv.float()).to(bf)
+            o = attend(qq, kk, vv)
             outs.append((ops.a2a_start(o, gname, "o", slot, c, chunks), o))
         return ops.a2a_wait([t for t, _ in outs], [o for _, o in outs], gname, "o", slot, 0, chunks).clone()
 
-    def rounds(xs, chunks):
+    def rounds(xs, chunks, parts=1):
         out, res = xs[0], []
         for i in range(ROUNDS):
             q, k, v = ((out * (1 + j) + xs[1][j]).to(bf) for j in range(3))
-            out = block(q, k, v, i % 2, chunks)
+            out = block(q, k, v, i % 2, chunks, parts)
             res.append(out)
         return res
 
-    def ref_rounds(xs, chunks):
+    def ref_rounds(xs, chunks, parts=1):
         out, res = xs[0], []
         for i in range(ROUNDS):
             q, k, v = ((out * (1 + j) + xs[1][j]).to(bf) for j in range(3))
             # chunk c covers local heads [c*h/C, (c+1)*h/C) of every rank's head group: concatenating the chunks'
             # outputs in chunk order inside each rank's group gives back the plain all-to-all.
-            o = (ref_qkv(q).float() * ref_qkv(k).float() + ref_qkv(v).float()).to(bf)
+            o = attend(ref_qkv(q), ref_qkv(k), ref_qkv(v))
             out = ref_o(o)
             res.append(out)
         return res
 
     for mode in ("flag", "barrier"):
         os.environ["XDIT_CE_SIGNAL"] = mode
-        for chunks in (1, 2):
+        for chunks, parts in ((1, 1), (2, 1)) + tuple((1, p) for p in (2, n) if p > 1 and n % p == 0):
             gen = torch.Generator(device=dev).manual_seed(rank)
             mk = lambda: (torch.randn(B, H, S, D, device=dev, generator=gen).to(bf),  # noqa: E731
                           torch.randn(3, B, H, S, D, device=dev, generator=gen).to(bf))
             xs = mk()
             err_eager = max((a.float() - b.float()).abs().max().item()
-                            for a, b in zip(rounds(xs, chunks), ref_rounds(xs, chunks)))
+                            for a, b in zip(rounds(xs, chunks, parts), ref_rounds(xs, chunks)))
             # graph: warm up on a side stream, capture, replay with fresh inputs
             static = mk()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                rounds(static, chunks)
+                rounds(static, chunks, parts)
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                outs = rounds(static, chunks)
+                outs = rounds(static, chunks, parts)
             err_graph = 0.0
             for _ in range(5):
                 fresh = mk()
@@ -119,8 +131,10 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, chunks=chunks, err_eager=err_eager, err_graph=err_graph, ok=ok)
+            report(check="exact", signal=mode, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph, ok=ok)
             del g
+    if args.exact_only:
+        return _finish(rows, args.out, rank)
     # ---- timing: FLUX single block at 1024² (4608 tokens, 24 x 128 heads) on n ranks
     T, Hh, Dh = 4608 // n * n, 24, 128
     hs = Hh // n
@@ -220,8 +234,12 @@ def main():
                             ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"})):
         ms = timed(step, env)
         report(timing=name, ranks=n, ms_per_block=round(ms, 4), gpu=torch.cuda.get_device_name())
-    if rank == 0 and args.out:
-        with open(args.out, "w") as f:
+    _finish(rows, args.out, rank)
+
+
+def _finish(rows, out, rank):
+    if rank == 0 and out:
+        with open(out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     bad = [r for r in rows if r.get("ok") is False]

@@ -2,7 +2,7 @@
 # copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag and
 # barrier completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
-#   [PROFILE=1] [CALLS=5] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
+#   [PROFILE=1] [CALLS=5] [CHECK_ARGS=--exact-only] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 set -u
 N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
-  timeout 240 torchrun --nproc_per_node $N benchmarks/ce_check.py --out $OUT/ce_check.jsonl > $OUT/ce_check.log 2>&1
+  timeout 240 torchrun --nproc_per_node $N benchmarks/ce_check.py --out $OUT/ce_check.jsonl ${CHECK_ARGS:-} > $OUT/ce_check.log 2>&1
   rc=$?; grep "^{" $OUT/ce_check.log; echo "ce_check rc=$rc"
   [ $rc = 0 ] || { tail -40 $OUT/ce_check.log; exit 1; }
 fi

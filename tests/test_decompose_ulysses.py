@@ -106,6 +106,16 @@ def test_copy_engine_decomposed():
     targets = _targets(gm)
     assert targets.count(CE_START + ".default") == 8 and targets.count(CE_WAIT + ".default") == 7   # 6 + 1 (o)
     assert "2 head chunks" in ctx.attention_report[0]["became"]
+    gm, ctx = _graph((1, 8, 8, 16), (1, 8, 8, 16), [4, 4, 4, 4])    # 4 ranks, query parts 3 -> 2
+    ctx.all_to_all, ctx.query_parts = "copy_engine", 3
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    starts = [n.args[2:] for n in gm.graph.nodes if str(n.target).startswith(CE_START)]
+    assert [s[0] for s in starts] == ["v", "k", "qr", "op", "op"] and starts[-1][2:] == (1, 2), starts
+    targets = _targets(gm)
+    assert targets.count(CE_WAIT + ".default") == 4                               # v, k, qr, op (all parts)
+    assert sum("scaled_dot_product_attention" in t for t in targets) == 2          # one per query part
+    assert "2 query parts" in ctx.attention_report[0]["became"]
 
 
 def test_copy_engine_output_is_copied():
@@ -129,7 +139,7 @@ def _ce_op(rank: int, world_size: int) -> dict:
 
     g = dist.group.WORLD.group_name
     torch.manual_seed(0)
-    b, heads, s, d = 2, 4, 3, 5
+    b, heads, s, d = 2, 2 * world_size, 3, 5
     full = torch.randn(b, heads, world_size * s, d)      # the same on every rank; this rank holds tokens r*S..
     x = full[:, :, rank * s:(rank + 1) * s]
     h = heads // world_size
@@ -144,8 +154,16 @@ def _ce_op(rank: int, world_size: int) -> dict:
     out["chunks"] = all(torch.equal(yc, full[:, rank * h + c:rank * h + c + 1]) for c, yc in enumerate(ys))
     ts = [start(yc.contiguous(), g, "o", 0, c, 2) for c, yc in enumerate(ys)]
     out["chunks_o"] = torch.equal(wait(ts, ys, g, "o", 0, 0, 2), x)
+    # query parts: q rotated (block b = rank + 1 + b's tokens), then the "attention" output back in P parts
+    rot = [(rank + 1 + blk) % world_size for blk in range(world_size)]
+    for parts in (p for p in (2, 4) if world_size % p == 0):
+        y = wait([start(x, g, "qr", 0)], [x], g, "qr", 0)
+        ok = torch.equal(y, full[:, rank * h:(rank + 1) * h].unflatten(2, (world_size, s))[:, :, rot].flatten(2, 3))
+        outs = [o.contiguous() for o in (y * 2).unflatten(2, (parts, -1)).unbind(2)]
+        z = wait([start(o, g, "op", 0, p, parts) for p, o in enumerate(outs)], outs, g, "op", 0, 0, parts)
+        out[f"parts{parts}"] = ok and torch.equal(z, x * 2) and z.shape == x.shape
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
-                       "signal": (x, g, "q", 0)}.items():
+                       "signal": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3)}.items():
         os.environ["XDIT_CE_SIGNAL"] = "flags" if name == "signal" else "flag"
         try:
             torch.ops.xdit.a2a_start(*args)
@@ -156,10 +174,14 @@ def _ce_op(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_copy_engine_op_on_cpu():
-    """On CPU the start / wait pair is the all_to_all_single fallback, in the same layouts; bad input is named."""
-    for rank, r in enumerate(run_distributed(_ce_op, 2, timeout=120)):
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_copy_engine_op_on_cpu(world_size):
+    """On CPU the start / wait pair is the all_to_all_single fallback, in the same layouts (query parts: 2 of 2
+    ranks, 2 and 4 of 4); bad input is named."""
+    for rank, r in enumerate(run_distributed(_ce_op, world_size, timeout=120)):
         assert r["qkv"] and r["o"] and r["chunks"] and r["chunks_o"] and not r["path"], f"rank {rank}: {r}"
+        assert r["parts2"] and r.get("parts4", world_size == 2), f"rank {rank}: {r}"
+        assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
         assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"], r
 
@@ -223,6 +245,8 @@ CASES = {
     # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
+    # query parts: per attention v, k, qr + 2 output parts started, 3 + 1 waits
+    "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
 }
 
 
@@ -319,16 +343,24 @@ def test_allgather_kv_matches(key):
         assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2"])
 def test_copy_engine_matches(key):
     c = CASES[key]["compile"].get("ulysses_chunks", 1)
+    parts = CASES[key]["compile"].get("query_parts", 1)
     for rank, r in enumerate(_results(key)):
         assert r["rel_err"] < REL_TOL, f"{key} rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
         assert r["n_op"] == 0 and r["n_a2a"] == 0 and r["n_decomposed"] > 0, f"rank {rank}: {r}"
         starts = [x for x in r["order"] if x.startswith("S:")]
         waits = [x for x in r["order"] if x.startswith("W:")]
-        assert len(starts) == 4 * c * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        assert len(starts) == (4 * c + parts - 1) * r["n_decomposed"], f"rank {rank}: {r['order']}"
         assert len(waits) == (3 * c + 1) * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        if parts > 1:    # each part's output starts back before the next part's attention
+            o = r["order"]
+            first = o.index("S:qr")
+            att = [i for i, x in enumerate(o) if x == "sdpa" and i > first][:parts]
+            sent = [i for i, x in enumerate(o) if x == "S:op" and i > first][:parts]
+            assert att[0] < sent[0] < att[1] < sent[1], f"rank {rank}: {o}"
+            assert f"{parts} query parts" in r["explain"]
         assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
 
 

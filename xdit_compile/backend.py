@@ -39,6 +39,7 @@ class CompileContext:
     lowering: str = "eager"            # plan.compile.lowering
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
+    query_parts: int = 1               # plan.compile.query_parts (decompose_ulysses, copy_engine)
     all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
@@ -111,6 +112,7 @@ class XditCompiler:
                              model_class=self.model_class, lowering=self.plan.compile.lowering,
                              decompose_collectives=self.plan.compile.decompose_collectives,
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
+                             query_parts=self.plan.compile.query_parts,
                              all_to_all=self.plan.compile.all_to_all,
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation)

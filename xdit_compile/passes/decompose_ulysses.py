@@ -41,6 +41,16 @@ are placed by schedule_transfers (the next pass), which puts independent compute
     o  = scaled_dot_product_attention(a2a_wait([tq], [q], "g", "q", slot), ...k..., ...v..., scale=scale)  # (B, h, L, D)
     o  = a2a_wait([a2a_start(o, "g", "o", slot)], [o], "g", "o", slot)    # (B, H, S, D), a strided view
 
+With compile.query_parts = P (P divides N, no head chunks) q travels rotated ("qr": block b of rank j's
+queries are rank (j + 1 + b) % N's tokens), SDPA runs per query part and each part's output starts back at
+once ("op"); one wait takes every part. Part p's transfer runs beside part p + 1's attention, and the part
+computed last ends with the rank's own tokens (no transfer): what a FLUX double block, with nothing
+independent after its attention, can hide of the output's return trip.
+
+    tq = a2a_start(q, "g", "qr", slot) ; tk, tv as above ; q_r = a2a_wait([tq], [q], "g", "qr", slot)
+    o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
+    o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
+
 With compile.ulysses_chunks = C each q/k/v start sends one head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA
 runs per chunk on its wait's view and each chunk's output starts back at once; one wait takes every output
 chunk's token. Chunk c + 1's q/k/v transfers run beside chunk c's attention, chunk c's output beside chunk
@@ -96,13 +106,14 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         g = gm.graph
         chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
         mode = getattr(ctx, "all_to_all", "nccl")
+        parts = _chunks(len(sizes), getattr(ctx, "query_parts", 1)) if mode == "copy_engine" and chunks == 1 else 1
         symm = mode == "symm_mem"
         with g.inserting_before(n):
             if mode == "allgather_kv":
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
-                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks)
+                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts)
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
@@ -117,7 +128,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 how = ALLGATHER_KV
                 kv = k.meta["example_value"]   # full size: (B, H, L, D); each rank sends its k, v shard N - 1 times
                 rec["bytes"] = (len(sizes) - 1) * 2 * kv.numel() // len(sizes) * kv.element_size()
-            rec["became"] = f"{rec['became']} ({how}{f', {chunks} head chunks' if chunks > 1 else ''})"
+            extra = f", {chunks} head chunks" if chunks > 1 else f", {parts} query parts" if parts > 1 else ""
+            rec["became"] = f"{rec['became']} ({how}{extra})"
             rec["decomposed"] = True
         changed = True
     return changed
@@ -180,10 +192,23 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     return contiguous(o)
 
 
-def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1) -> fx.Node:
+def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1) -> fx.Node:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
-    one wait for all output chunks (schedule_transfers places starts early and waits late)."""
+    one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
+    query part of the rotated q instead, each part's output sent back at once."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
+    if parts > 1:
+        qkv = (("v", v), ("k", k), ("qr", q))
+        tokens = {kind: g.call_function(start, (x, group, kind, slot, 0, 1)) for kind, x in qkv}
+        got = {kind: g.call_function(wait, ([tokens[kind]], [x], group, kind, slot, 0, 1)) for kind, x in qkv}
+        qs = g.call_function(aten.unflatten.int, (got["qr"], 2, [parts, -1]))        # (B, h, P, L/P, D)
+        outs, sent = [], []
+        for p in range(parts):
+            qp = g.call_function(aten.select.int, (qs, 2, p))
+            o = g.call_function(F.scaled_dot_product_attention, (qp, got["k"], got["v"]), {"scale": scale})
+            outs.append(o)                                                        # (B, h, L/P, D)
+            sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))
+        return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts))   # (B, H, S, D), a strided view
     qkv = (("v", v), ("k", k), ("q", q))
     tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks)) for kind, x in qkv
               for c in range(chunks)}

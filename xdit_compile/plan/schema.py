@@ -172,6 +172,11 @@ class CompileConfig:
     ulysses_chunks: int = 1
     """Inductor, decomposed Ulysses only: cut each attention's heads into this many chunks and pipeline them, so
     one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way)."""
+    query_parts: int = 1
+    """With all_to_all = "copy_engine": attend the queries in this many parts and send each part's output back as
+    soon as it is computed, so the return trip runs beside the next part's attention (1: one output transfer
+    after the whole attention). The queries come in an order rotated per rank, so the part computed last holds
+    this rank's own tokens, which need no transfer. Rounded down to a divisor of the Ulysses degree."""
     all_to_all: str = "nccl"
     """Decomposed Ulysses only: how its all-to-alls move data. nccl (``_c10d_functional.all_to_all_single``)
     or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into the peers' symmetric-memory buffers
@@ -211,6 +216,12 @@ class CompileConfig:
                              "(it fuses the sharded linears); set shard_modulation = true or drop fuse_modulation")
         _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
         _check_choice(f"{self.SECTION}.all_to_all", self.all_to_all, self.ALL_TO_ALLS)
+        _check_int(f"{self.SECTION}.query_parts", self.query_parts)
+        if self.query_parts > 1 and (self.all_to_all != "copy_engine" or self.ulysses_chunks > 1):
+            raise ValueError(f"{self.SECTION}.query_parts = {self.query_parts} needs {self.SECTION}.all_to_all = "
+                             f"\"copy_engine\" and {self.SECTION}.ulysses_chunks = 1, got all_to_all = "
+                             f"{self.all_to_all!r}, ulysses_chunks = {self.ulysses_chunks}; set those or drop "
+                             "query_parts")
         if self.overlap and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop overlap")

@@ -13,6 +13,14 @@ kind "o"           (scatter the sequence, gather heads): x (B, h, L, D) -> y (B,
 Same values as the all_to_all_single pair of decompose_ulysses; N = group size, this rank's tokens are its
 shard of the sequence (all shards equal).
 
+Query parts (compile.ulysses_query_parts = P, P divides N): the attention output goes back in P parts, each
+sent as soon as its queries are attended, so the transfer of part p runs beside the attention of part p + 1.
+kind "qr" is "q" with the sequence ROTATED per rank: block b of rank j's result holds the tokens of rank
+(j + 1 + b) % N, so the last block is j's own and the block whose output goes out last needs no transfer (keys
+and values keep their order: attention without a mask does not depend on the order of the keys). kind "op",
+part p of P: x (B, h, L/P, D) is the attention output of blocks p * N/P .. (p + 1) * N/P - 1 of that rotated
+sequence, sent to the ranks they belong to; one "op" wait takes every part and returns (B, h*N, L/N, D) like "o".
+
 Why: NCCL's all-to-all and xdit.symm_all_to_all move data with SM kernels, which wait while a matmul holds
 every SM: beside a matmul they hide ~0.02-0.3 of their time. cudaMemcpy into a peer's symmetric-memory buffer
 runs on a copy engine and hides 0.8-1.0 (`benchmarks/results/ce_overlap.md`). decompose_ulysses emits these
@@ -70,7 +78,7 @@ from .symm_a2a import _in_side_thread, _timeout_ms
 
 __all__ = ["available", "a2a_start", "a2a_wait", "out_shape"]
 
-KINDS = ("q", "k", "v", "o")
+KINDS = ("q", "k", "v", "o", "qr", "op")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
 _PENDING: dict = {}   # (group, kind, slot, chunk) -> (events, what the copies read, flag addresses to wait on)
 _FLAGS: dict = {}     # (group, kind, slot, chunks, device) -> completion flags (XDIT_CE_SIGNAL=flag)
@@ -85,6 +93,8 @@ def out_shape(kind: str, shape, n: int, chunks: int = 1) -> tuple[tuple[int, ...
     b, h, s, d = shape
     if kind == "o":
         return (b, h * chunks * n, s // n, d), (b, s // n, h * chunks * n, d)
+    if kind == "op":         # s = L / P tokens of one query part; chunks = P
+        return (b, h * n, s * chunks // n, d), (b, s * chunks // n, h * n, d)
     return (b, h // n, s * n, d), (b, s * n, h // n, d)
 
 
@@ -225,6 +235,13 @@ def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
         raise ValueError(f"xdit.a2a_start: kind {kind!r} is not one of {KINDS}")
     if x.dim() != 4:
         raise ValueError(f"xdit.a2a_start: x must be (B, H, S, D), got shape {tuple(x.shape)}")
+    if kind == "op":
+        if chunks < 1 or n % chunks or not 0 <= chunk < chunks or x.shape[2] % (n // chunks):
+            raise ValueError(f"xdit.a2a_start: query part {chunk} of {chunks}: the parts must divide the group size "
+                             f"{n} and a part's {x.shape[2]} tokens into {max(1, n // max(chunks, 1))} rank blocks")
+        return
+    if kind == "qr" and chunks != 1:
+        raise ValueError("xdit.a2a_start: kind 'qr' (rotated q, for query parts) takes no head chunks")
     split = x.shape[2] if kind == "o" else x.shape[1]
     if split % n:
         what = "sequence" if kind == "o" else "heads"
@@ -237,7 +254,8 @@ def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
 @torch.library.custom_op("xdit::a2a_start", mutates_args=())
 def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1) -> Tensor:
     """Queue the all-to-all of x (q/k/v: the heads of head chunk `chunk` only; o: x is that chunk's attention
-    output); returns a token for a2a_wait (an empty tensor)."""
+    output; qr: q, rotated; op: x is query part `chunk` of `chunks`); returns a token for a2a_wait (an empty
+    tensor)."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
@@ -247,62 +265,98 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     st = _buffer(group_name, kind, slot, mem_shape, x, ce)
     xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
     b, d = xt.shape[0], xt.shape[3]
-    if kind == "o":
+    per = n // chunks if kind == "op" else n                 # rank blocks in x (op: in one query part)
+    dests = [(me + 1 + chunk * per + i) % n for i in range(per)] if kind == "op" else list(range(n))
+    if kind in ("o", "op"):
         rows, h = shape[2], mem_shape[2] // n            # tokens per piece, local heads of the whole output
-        hc = h // chunks
+        hc = h // chunks if kind == "o" else h
     else:
         rows, h = x.shape[2], mem_shape[2]
         hc = h // chunks
     if not ce:
-        buf = st["buf"]
-        if kind == "o":      # pieces = sequence slices of this chunk: (N, B, S', hc, D)
-            send = xt.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
-        else:                # pieces = head chunk c of every rank's head group: (N, B, S, hc, D)
-            send = xt.unflatten(2, (n, chunks, -1))[:, :, :, chunk].permute(2, 0, 1, 3, 4).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
-        if kind == "o":      # (B, S', H, D) with H = (P, C, hc)
-            buf.unflatten(2, (n, chunks, hc))[:, :, :, chunk].copy_(recv.permute(1, 2, 0, 3, 4))
-        else:                # (B, L, h, D) with L = (P, S), h = (C, hc)
-            buf.unflatten(2, (chunks, hc))[:, :, chunk].copy_(recv.transpose(0, 1).flatten(1, 2))
+        _fallback(st["buf"], xt, kind, chunk, chunks, n, me, hc, pg, (group_name, slot))
         return x.new_empty(0)
     e = x.element_size()
     width = hc * d * e                                  # one token's piece, bytes
     streams, side = _streams(x.device, n)
-    fl = _flags(group_name, kind, slot, chunks, n, x.device) if flag else None
+    fchunk, fchunks = (0, 1) if kind == "op" else (chunk, chunks)   # op: one piece from each peer, in some part
+    fl = _flags(group_name, kind, slot, fchunks, n, x.device) if flag else None
     cur = torch.cuda.current_stream(x.device)
     ev_in = cur.record_event()
     events = []
-    for j in range(n):
+    for i, j in enumerate(dests):
         sj = streams[j]
         sj.wait_event(ev_in)
         for bi in range(b):
             if kind == "o":   # my tokens [j*S', (j+1)*S') of chunk c -> rank j's (B, S', H, D) at heads me*h + c*hc
                 src = xt.data_ptr() + ((bi * xt.shape[1] + j * rows) * hc * d) * e
-                spitch = width
-                dst = st["ptrs"][j] + ((bi * rows * n * h) * d + (me * h + chunk * hc) * d) * e
-                dpitch = n * h * d * e
-            else:             # heads j*h + c*hc .. of my S tokens -> rank j's (B, L, h, D) at tokens me*S, heads c*hc
+            elif kind == "op":  # block i of this part (rank j's tokens) -> rank j's (B, S', H, D) at heads me*h
+                src = xt.data_ptr() + ((bi * xt.shape[1] + i * rows) * hc * d) * e
+            else:             # heads j*h + c*hc .. of my S tokens -> rank j's (B, L, h, D) at block me (qr: rotated)
                 src = xt.data_ptr() + ((bi * rows * n * h) * d + (j * h + chunk * hc) * d) * e
+            if kind in ("o", "op"):
+                spitch = width
+                hoff = me * h + (chunk * hc if kind == "o" else 0)
+                dst = st["ptrs"][j] + ((bi * rows * n * h) * d + hoff * d) * e
+                dpitch = n * h * d * e
+            else:
                 spitch = n * h * d * e
-                dst = st["ptrs"][j] + ((bi * n * rows + me * rows) * h * d + chunk * hc * d) * e
+                blk = (me - j - 1) % n if kind == "qr" else me
+                dst = st["ptrs"][j] + ((bi * n * rows + blk * rows) * h * d + chunk * hc * d) * e
                 dpitch = h * d * e
             _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
         if flag:
             if j != me:      # rank j's flag [chunk, me]: my pieces have landed there
-                _check_cu(_cuda()["write32"](ctypes.c_void_p(sj.cuda_stream), fl["ptrs"][j] + (chunk * n + me) * 4,
+                _check_cu(_cuda()["write32"](ctypes.c_void_p(sj.cuda_stream), fl["ptrs"][j] + (fchunk * n + me) * 4,
                                              1, 0), "cuStreamWriteValue32")
             events.append(sj.record_event())
         else:
             side.wait_stream(sj)
+    last = kind != "op" or chunk == chunks - 1   # op: the last part completes all of them
     if flag:
-        base = fl["ptrs"][me] + chunk * n * 4
-        _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me])
+        base = fl["ptrs"][me] + fchunk * n * 4
+        _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me]
+                                                     if last else [])
         return x.new_empty(0)
+    if not last:
+        _PENDING[(group_name, kind, slot, chunk)] = ([], xt, [])
+        return x.new_empty(0)
+    if kind == "op":        # the earlier parts' copies too
+        for sj in streams:
+            side.wait_stream(sj)
     with torch.cuda.stream(side):
         st["hdl"].barrier(channel=0, timeout_ms=_timeout_ms())
     _PENDING[(group_name, kind, slot, chunk)] = ([side.record_event()], xt, [])
     return x.new_empty(0)
+
+
+_PARTS: dict = {}     # (group, slot) -> the op parts started so far (fallback: sent together with the last)
+
+
+def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: int, me: int, hc: int, pg, key):
+    """The same transfer with dist.all_to_all_single (gloo, or GPUs the copy engines cannot use): fills the same
+    receive buffer in the same layout."""
+    if kind == "op":         # the parts are sent together with the last one, in rotated block order
+        parts = _PARTS.setdefault(key, [])
+        parts.append(xt)
+        if chunk < chunks - 1:
+            return
+        del _PARTS[key]
+        xt = torch.cat(parts, 1).unflatten(1, (n, -1))               # (B, N, S', h, D), block b: rank me + 1 + b
+        xt = xt[:, [(j - me - 1) % n for j in range(n)]].flatten(1, 2)  # back to rank order
+        chunks, chunk = 1, 0
+    if kind in ("o", "op"):  # pieces = sequence slices of this chunk: (N, B, S', hc, D)
+        send = xt.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
+    else:                    # pieces = head chunk c of every rank's head group: (N, B, S, hc, D)
+        send = xt.unflatten(2, (n, chunks, -1))[:, :, :, chunk].permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
+    if kind in ("o", "op"):  # (B, S', H, D) with H = (P, C, hc)
+        buf.unflatten(2, (n, chunks, hc))[:, :, :, chunk].copy_(recv.permute(1, 2, 0, 3, 4))
+    else:                    # (B, L, h, D) with L = (P, S), h = (C, hc); qr: block b from rank me + 1 + b
+        if kind == "qr":
+            recv = recv[[(me + 1 + b) % n for b in range(n)]]
+        buf.unflatten(2, (chunks, hc))[:, :, chunk].copy_(recv.transpose(0, 1).flatten(1, 2))
 
 
 @a2a_start.register_fake
@@ -320,7 +374,7 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
     x = xs[0]
     _, mem_shape = out_shape(kind, x.shape, n, chunks)
     addrs = []
-    for c in (range(chunks) if kind == "o" else (chunk,)):
+    for c in (range(chunks) if kind in ("o", "op") else (chunk,)):
         pending = _PENDING.pop((group_name, kind, slot, c), None)
         if pending is not None:
             for ev in pending[0]:   # my outgoing copies (they read xs) / the barrier
@@ -332,7 +386,7 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
     if st is None:
         raise RuntimeError(f"xdit.a2a_wait({kind!r}, slot {slot}) without its a2a_start")
     buf = st["buf"]
-    if kind != "o" and chunks > 1:
+    if kind not in ("o", "op") and chunks > 1:
         hc = mem_shape[2] // chunks
         buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
     return buf.transpose(1, 2)
@@ -344,7 +398,7 @@ def _(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: 
     n = dist.distributed_c10d._resolve_process_group(group_name).size() if dist.is_initialized() else 1
     _, mem_shape = out_shape(kind, xs[0].shape, n, chunks)
     buf = xs[0].new_empty(mem_shape)
-    if kind != "o" and chunks > 1:
+    if kind not in ("o", "op") and chunks > 1:
         hc = mem_shape[2] // chunks
         buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
     return buf.transpose(1, 2)
