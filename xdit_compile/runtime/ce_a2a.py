@@ -337,8 +337,10 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
     """The same transfer with dist.all_to_all_single (gloo, or GPUs the copy engines cannot use): fills the same
     receive buffer in the same layout."""
     if kind == "op":         # the parts are sent together with the last one, in rotated block order
-        parts = _PARTS.setdefault(key, [])
+        parts = _PARTS[key] = [] if chunk == 0 else _PARTS.get(key, [])
         parts.append(xt)
+        if len(parts) != chunk + 1:
+            raise RuntimeError(f"xdit.a2a_start('op', slot {key[1]}): part {chunk} of {chunks} without the parts before it")
         if chunk < chunks - 1:
             return
         del _PARTS[key]
