@@ -468,9 +468,12 @@ class Worker:
         self.reset_mem()
         t = time.time()
         if first_call:
+            log(f"{model}: first call (compile, CUDA-graph capture) ...")
             self.call(fn, inputs)
             self.sync()
         first_s = time.time() - t
+        if first_call:    # in the log, so a sub-run that times out tells compile from timing
+            log(f"{model}: first call done in {first_s:.1f}s; timing")
         ms, msx, out, ts = self.timed(fn, inputs)
         peak = self.allmax([self.peak_gib()])[0] if self.device.type == "cuda" else None
         row = dict(ms=ms, ms_max_over_ranks=msx, times=ts, peak_gib=peak, first_call_s=first_s,

@@ -3,7 +3,8 @@ a block-shaped loop.
 
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
-Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N), XDIT_CE_SIGNAL = flag and barrier, eagerly and
+Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N),
+XDIT_CE_SIGNAL = flag and barrier, eagerly and
 as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention" -> o that alternate slots, as
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
@@ -70,7 +71,8 @@ def main():
         """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q)."""
         if parts > 1:
             toks = [ops.a2a_start(t, gname, kd, slot) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
-            vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot) for tk, t, kd in zip(toks, (v, k, q), ("v", "k", "qr")))
+            vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot)
+                          for tk, t, kd in zip(toks, (v, k, q), ("v", "k", "qr")))
             outs = [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)]
             toks = [ops.a2a_start(o, gname, "op", slot, p, parts) for p, o in enumerate(outs)]
             return ops.a2a_wait(toks, outs, gname, "op", slot, 0, parts).clone()
@@ -91,7 +93,7 @@ def main():
             res.append(out)
         return res
 
-    def ref_rounds(xs, chunks, parts=1):
+    def ref_rounds(xs, chunks):
         out, res = xs[0], []
         for i in range(ROUNDS):
             q, k, v = ((out * (1 + j) + xs[1][j]).to(bf) for j in range(3))
@@ -131,7 +133,8 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph, ok=ok)
+            report(check="exact", signal=mode, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph,
+                   ok=ok)
             del g
     if args.exact_only:
         return _finish(rows, args.out, rank)

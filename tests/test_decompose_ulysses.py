@@ -246,7 +246,8 @@ CASES = {
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
     # query parts: per attention v, k, qr + 2 output parts started, 3 + 1 waits
-    "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
+    "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8},
+                    "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
 }
 
 

@@ -13,7 +13,7 @@ kind "o"           (scatter the sequence, gather heads): x (B, h, L, D) -> y (B,
 Same values as the all_to_all_single pair of decompose_ulysses; N = group size, this rank's tokens are its
 shard of the sequence (all shards equal).
 
-Query parts (compile.ulysses_query_parts = P, P divides N): the attention output goes back in P parts, each
+Query parts (compile.query_parts = P, P divides N): the attention output goes back in P parts, each
 sent as soon as its queries are attended, so the transfer of part p runs beside the attention of part p + 1.
 kind "qr" is "q" with the sequence ROTATED per rank: block b of rank j's result holds the tokens of rank
 (j + 1 + b) % N, so the last block is j's own and the block whose output goes out last needs no transfer (keys
@@ -340,7 +340,8 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
         parts = _PARTS[key] = [] if chunk == 0 else _PARTS.get(key, [])
         parts.append(xt)
         if len(parts) != chunk + 1:
-            raise RuntimeError(f"xdit.a2a_start('op', slot {key[1]}): part {chunk} of {chunks} without the parts before it")
+            raise RuntimeError(f"xdit.a2a_start('op', slot {key[1]}): part {chunk} of {chunks} without the parts "
+                               "before it")
         if chunk < chunks - 1:
             return
         del _PARTS[key]
