@@ -41,7 +41,8 @@ are placed by schedule_transfers (the next pass), which puts independent compute
     o  = scaled_dot_product_attention(a2a_wait([tq], [q], "g", "q", slot), ...k..., ...v..., scale=scale)  # (B, h, L, D)
     o  = a2a_wait([a2a_start(o, "g", "o", slot)], [o], "g", "o", slot)    # (B, H, S, D), a strided view
 
-With compile.query_parts = P (P divides N, no head chunks) q travels rotated ("qr": block b of rank j's
+With compile.query_parts = P (P divides N, no head chunks; only for attention whose output is not concatenated
+with a tensor computed before it, see _output_has_partner) q travels rotated ("qr": block b of rank j's
 queries are rank (j + 1 + b) % N's tokens), SDPA runs per query part and each part's output starts back at
 once ("op"); one wait takes every part. Part p's transfer runs beside part p + 1's attention, and the part
 computed last ends with the rank's own tokens (no transfer): what a FLUX double block, with nothing
@@ -106,7 +107,9 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         g = gm.graph
         chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
         mode = getattr(ctx, "all_to_all", "nccl")
-        parts = _chunks(len(sizes), getattr(ctx, "query_parts", 1)) if mode == "copy_engine" and chunks == 1 else 1
+        parts = 1
+        if mode == "copy_engine" and chunks == 1 and not _output_has_partner(n):
+            parts = _chunks(len(sizes), getattr(ctx, "query_parts", 1))
         symm = mode == "symm_mem"
         with g.inserting_before(n):
             if mode == "allgather_kv":
@@ -153,6 +156,32 @@ def _not_simple(n: fx.Node) -> str | None:
     if len(set(sizes)) != 1:
         return f"uneven sequence shards {list(sizes)}"
     return None
+
+
+_LAYOUT = {"permute", "transpose", "reshape", "view", "flatten", "to", "contiguous", "type_as", "float",
+           torch.permute, torch.transpose, torch.reshape, torch.flatten}
+_CAT = {torch.cat, torch.concat, aten.cat.default}
+
+
+def _output_has_partner(n: fx.Node, depth: int = 6) -> bool:
+    """Whether the attention output reaches (through layout ops only) a concatenation with a tensor computed
+    before the attention: FLUX's single block, proj_out(cat([attention, mlp])). There schedule_transfers already
+    runs the mlp half of that linear beside the output's return trip, so query parts would only cut the attention
+    in two; they are for attention whose output has nothing to run beside (FLUX's double blocks)."""
+    order = {x: i for i, x in enumerate(n.graph.nodes)}
+    frontier = [n]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            for u in x.users:
+                if u.target in _CAT:
+                    others = [a for a in (u.args[0] if u.args else []) if isinstance(a, fx.Node) and a is not x]
+                    if others and all(order[a] < order[n] for a in others):
+                        return True
+                elif u.target in _LAYOUT:
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _chunks(local_heads: int, asked: int) -> int:

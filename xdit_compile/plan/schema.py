@@ -176,8 +176,11 @@ class CompileConfig:
     """With all_to_all = "copy_engine": attend the queries in this many parts and send each part's output back as
     soon as it is computed, so the return trip runs beside the next part's attention (1: one output transfer
     after the whole attention). The queries come in an order rotated per rank, so the part computed last holds
-    this rank's own tokens, which need no transfer. Rounded down to a divisor of the Ulysses degree. Exact, but
-    not faster on 4 x H200 (FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step)."""
+    this rank's own tokens, which need no transfer. Rounded down to a divisor of the Ulysses degree. Only for
+    attention whose output is not concatenated with a tensor computed before it (FLUX: the double blocks; the
+    single blocks' output transfer already runs beside the mlp half of proj_out). Exact. Applied to every
+    attention it was not faster (4 x H200, FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step); the double blocks
+    only are not measured yet."""
     all_to_all: str = "nccl"
     """Decomposed Ulysses only: how its all-to-alls move data. nccl (``_c10d_functional.all_to_all_single``)
     or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into the peers' symmetric-memory buffers
