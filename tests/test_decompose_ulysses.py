@@ -10,6 +10,7 @@ custom op with it off. One ``run_distributed`` call runs every case (Inductor co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import types
@@ -118,11 +119,11 @@ def test_copy_engine_decomposed():
     assert "2 query parts" in ctx.attention_report[0]["became"]
 
 
-def test_query_parts_skip_attention_with_a_partner():
+def test_cuts_skip_attention_with_a_partner():
     """An attention output concatenated with a tensor computed before the attention (FLUX's single block:
-    proj_out(cat([attention, mlp]))) keeps one output transfer: the mlp half of that linear already runs beside
-    it. Concatenated with something computed after it, it is cut into query parts."""
-    for partner_first, parts in ((True, 1), (False, 2)):
+    proj_out(cat([attention, mlp]))) is not cut (query parts, head chunks): the mlp half of that linear already
+    runs beside its output transfer. Concatenated with something computed after it, it is cut."""
+    for (partner_first, parts), opt in itertools.product(((True, 1), (False, 2)), ("query_parts", "ulysses_chunks")):
         g = fx.Graph()
         q, k, v = (g.placeholder(n) for n in "qkv")
         for node in (q, k, v):
@@ -135,10 +136,13 @@ def test_query_parts_skip_attention_with_a_partner():
         g.output(g.call_function(torch.cat, ([o, m], -1)))
         gm = fx.GraphModule(torch.nn.Module(), g)
         ctx = types.SimpleNamespace(attention_report=[{"node": "sdpa", "op_node": att.name, "became": "ulysses x2"}],
-                                    all_to_all="copy_engine", query_parts=2)
+                                    all_to_all="copy_engine", **{opt: 2})
         assert decompose_ulysses_pass(gm, ctx)
         kinds = [n.args[2] for n in gm.graph.nodes if str(n.target).startswith(CE_START)]
-        assert kinds.count("op") == (parts if parts > 1 else 0) and kinds.count("o") == (parts == 1), kinds
+        if opt == "query_parts":
+            assert kinds.count("op") == (parts if parts > 1 else 0) and kinds.count("o") == (parts == 1), kinds
+        else:      # head chunks: a q start per chunk
+            assert kinds.count("q") == parts and kinds.count("o") == parts, kinds
 
 
 def test_copy_engine_output_is_copied():
@@ -376,17 +380,22 @@ def test_copy_engine_matches(key):
         assert r["n_op"] == 0 and r["n_a2a"] == 0 and r["n_decomposed"] > 0, f"rank {rank}: {r}"
         starts = [x for x in r["order"] if x.startswith("S:")]
         waits = [x for x in r["order"] if x.startswith("W:")]
+        # query parts / head chunks: only the double block's attention (the single block's output meets the mlp
+        # in proj_out's cat, its transfers already run beside that)
         parted = r["explain"].count(f"{parts} query parts") if parts > 1 else 0
-        assert len(starts) == 4 * c * r["n_decomposed"] + (parts - 1) * parted, f"rank {rank}: {r['order']}"
-        assert len(waits) == (3 * c + 1) * r["n_decomposed"], f"rank {rank}: {r['order']}"
+        chunked = r["explain"].count(f"{c} head chunks") if c > 1 else 0
+        n_att = r["n_decomposed"]
+        assert len(starts) == 4 * n_att + (parts - 1) * parted + 4 * (c - 1) * chunked, f"rank {rank}: {r['order']}"
+        assert len(waits) == 4 * n_att + 3 * (c - 1) * chunked, f"rank {rank}: {r['order']}"
+        if c > 1 and key.startswith("flux"):
+            assert chunked == 1 and n_att == 2, f"rank {rank}: {r['explain']}"
         if parts > 1:    # each part's output starts back before the next part's attention
             o = r["order"]
             first = o.index("S:qr")
             att = [i for i, x in enumerate(o) if x == "sdpa" and i > first][:parts]
             sent = [i for i, x in enumerate(o) if x == "S:op" and i > first][:parts]
             assert att[0] < sent[0] < att[1] < sent[1], f"rank {rank}: {o}"
-            # the double block's attention only: the single block's output meets the mlp in proj_out's cat
-            assert parted == 1 and r["n_decomposed"] == 2, f"rank {rank}: {r['explain']}"
+            assert parted == 1 and n_att == 2, f"rank {rank}: {r['explain']}"
         assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
 
 

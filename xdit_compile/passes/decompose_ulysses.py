@@ -52,10 +52,11 @@ independent after its attention, can hide of the output's return trip.
     o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
     o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
 
-With compile.ulysses_chunks = C each q/k/v start sends one head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA
-runs per chunk on its wait's view and each chunk's output starts back at once; one wait takes every output
-chunk's token. Chunk c + 1's q/k/v transfers run beside chunk c's attention, chunk c's output beside chunk
-c + 1's: what the double blocks of FLUX (no independent matmul around their attention) can hide.
+With compile.ulysses_chunks = C (again only for attention without such a partner) each q/k/v start sends one
+head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA runs per chunk on its wait's view and each chunk's output
+starts back at once; one wait takes every output chunk's token. Chunk c + 1's q/k/v transfers run beside chunk
+c's attention, chunk c's output beside chunk c + 1's: what the double blocks of FLUX (no independent matmul
+around their attention) can hide.
 
 compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
 ``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
@@ -108,7 +109,9 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
         mode = getattr(ctx, "all_to_all", "nccl")
         parts = 1
-        if mode == "copy_engine" and chunks == 1 and not _output_has_partner(n):
+        if mode == "copy_engine" and _output_has_partner(n):
+            chunks = 1     # its transfers already run beside independent compute: cutting it would only cost
+        elif mode == "copy_engine" and chunks == 1:
             parts = _chunks(len(sizes), getattr(ctx, "query_parts", 1))
         symm = mode == "symm_mem"
         with g.inserting_before(n):

@@ -171,7 +171,9 @@ class CompileConfig:
     overlap it; false keeps the opaque ``xdit::ulysses_attention`` op."""
     ulysses_chunks: int = 1
     """Inductor, decomposed Ulysses only: cut each attention's heads into this many chunks and pipeline them, so
-    one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way)."""
+    one chunk's all-to-all runs while the previous chunk's attention computes (1: one all-to-all each way). With
+    all_to_all = "copy_engine" only attention whose output is not concatenated with a tensor computed before it
+    is cut (FLUX: the double blocks; the single blocks' transfers already run beside their mlp)."""
     query_parts: int = 1
     """With all_to_all = "copy_engine": attend the queries in this many parts and send each part's output back as
     soon as it is computed, so the return trip runs beside the next part's attention (1: one output transfer
