@@ -273,10 +273,14 @@ def log(*a):
         print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
 
-def build_model(model, tiny, device, dtype, cls_override=None):
+def build_model(model, tiny, device, dtype, cls_override=None, layers=0):
+    """The model with random weights; ``layers`` > 0 keeps only that many blocks (Flux: that many double and
+    twice as many single blocks), for quick checks of one block's time and compile cost."""
     import diffusers
     import torch
     cls_name, cfg, _ = spec(model, tiny)
+    if layers:
+        cfg = {**cfg, "num_layers": layers, **({"num_single_layers": 2 * layers} if "Flux" in cls_name else {})}
     cls = cls_override or getattr(diffusers, cls_name)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()

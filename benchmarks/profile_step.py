@@ -12,6 +12,7 @@ The NCCL kernel time includes waiting for the slowest rank, so it is an upper bo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--cudagraphs", action="store_true")
     ap.add_argument("--all-to-all", default="", help="compile.all_to_all (nccl, symm_mem, allgather_kv, copy_engine)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layers", type=int, default=0, help="keep only this many blocks (Flux: and 2x single blocks)")
+    ap.add_argument("--compile-json", default="", help='more compile options, e.g. \'{"fuse_modulation": true}\'')
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.md")
     ap.add_argument("--trace", default="", help="also write rank 0's chrome trace here (.json.gz); "
@@ -71,18 +74,26 @@ def main():
         device, dtype, backend = torch.device("cuda", lr), torch.bfloat16, "nccl"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    m = bench.build_model(args.model, args.tiny, device, dtype)
+    m = bench.build_model(args.model, args.tiny, device, dtype, layers=args.layers)
     inputs = bench.make_inputs(args.model, args.tiny, device, dtype)
     comp = {"lowering": args.lowering}
     if args.cudagraphs:
         comp["cudagraphs"] = True
     if args.all_to_all:
         comp["all_to_all"] = args.all_to_all
+    if args.compile_json:
+        comp.update(json.loads(args.compile_json))
     plan = {"parallel": {"ulysses": args.ulysses or world // args.ring, "ring": args.ring}, "compile": comp}
     xdit_compile.parallelize(m, plan)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        for _ in range(3):
+        t = time.perf_counter()
+        m(**inputs)
+        sync()
+        first_s = time.perf_counter() - t
+        if rank == 0:
+            print(f"first call (compile): {first_s:.1f} s", flush=True)
+        for _ in range(2):
             m(**inputs)
         sync()
         dist.barrier()
@@ -122,8 +133,9 @@ def main():
             per[kind(e.name)] = per.get(kind(e.name), 0.0) + us
             top[e.name] = top.get(e.name, 0.0) + us
         busy = sum(us for k, us in per.items() if k != CE) / 1e3
-        lines = [f"# Profile: {args.model}, plan {plan}, {world} ranks, {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
-                 "", f"wall per step (profiled, rank 0): {wall:.1f} ms; GPU kernel time {busy:.1f} ms; "
+        layers = f" ({args.layers} layers)" if args.layers else ""
+        lines = [f"# Profile: {args.model}{layers}, plan {plan}, {world} ranks, {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
+                 "", f"first call (compile, CUDA-graph capture): {first_s:.1f} s", "", f"wall per step (profiled, rank 0): {wall:.1f} ms; GPU kernel time {busy:.1f} ms; "
                  f"idle {max(wall - busy, 0):.1f} ms", "", "| kind | ms/step | share of wall |", "|---|---|---|"]
         for k, us in sorted(per.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {k} | {us / 1e3:.1f} | {us / 1e3 / wall:.0%} |")
