@@ -57,7 +57,12 @@ def main():
                     "a path with {rank} makes every rank write its own")
     ap.add_argument("--ops", action="store_true", help="add the CPU ops that launched the most GPU time "
                     "(with input shapes; meaningful without --cudagraphs, where kernels keep their launcher)")
+    ap.add_argument("--dump-after", type=float, default=0, help="print every thread's Python stack after this many "
+                    "seconds (where a stuck run waits)")
     args = ap.parse_args()
+    if args.dump_after:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.dump_after, exit=False)
 
     import torch
     import torch.distributed as dist
