@@ -273,8 +273,9 @@ CASES = {
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
     # query parts: per attention v, k, qr + 2 output parts started, 3 + 1 waits
+    # + fuse_gelu: the 3 MLP linear + tanh-GELU pairs (double block img / txt ff, single block proj_mlp) fused
     "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8},
-                    "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
+                    "compile": {"all_to_all": "copy_engine", "query_parts": 2, "fuse_gelu": True}},
 }
 
 
@@ -298,9 +299,14 @@ def _run_case(case: dict) -> dict:
     targets = [str(n.target) for r in reports for n in r["graph"].graph.nodes if n.op == "call_function"]
     attention = [a for r in reports for a in r["attention"]]
     order = []     # the graph order, coarse: starts / waits with their kind, linears, attention
+    unchained = 0  # starts that do not take the previous start's token
     for r in reports:
+        prev = None
         for n in r["graph"].graph.nodes:
             t = str(n.target)
+            if t.startswith(CE_START):
+                unchained += n.kwargs.get("after") is not prev
+                prev = n
             if t.startswith(CE_START) or t.startswith(CE_WAIT):
                 start = t.startswith(CE_START)
                 order.append(("S:" if start else "W:") + n.args[2 if start else 3])
@@ -311,7 +317,7 @@ def _run_case(case: dict) -> dict:
     code_order = []   # the same, in the order of Inductor's generated code (what runs)
     for code in codes:
         for line in code.splitlines():
-            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*'([qkvo])', \d+, chunk=", line)
+            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*?'(qr|op|[qkvo])', \d+", line)
             if m:
                 code_order.append(("S:" if m.group(1) == "start" else "W:") + m.group(2))
             elif re.search(r"extern_kernels\.(addmm|mm)\(", line):
@@ -321,6 +327,8 @@ def _run_case(case: dict) -> dict:
     return {
         "order": order,
         "code_order": code_order,
+        "unchained": unchained,
+        "n_gelu_fused": sum(t.endswith("linear_gelu_tanh") or "linear_gelu_tanh " in t for t in targets),
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
@@ -427,6 +435,28 @@ def test_copy_engine_schedule(which):
     assert "lin" in single[last_start:first_wait], f"proj_mlp should fill the q/k/v transfers: {single}"
     tail = order[att[1]:]
     assert "lin" in tail[tail.index("S:o"):tail.index("W:o")], f"mlp half of proj_out during the o transfer: {tail}"
+
+
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_qp2"])
+def test_copy_engine_starts_in_one_order(key):
+    """The generated code of every rank starts the transfers in the fx graph's order, the same on all ranks:
+    schedule_transfers chains the starts (a start's first call allocates its buffer collectively and queues a
+    barrier, so starts in different orders pair the wrong buffers or deadlock; Wan 480p hung on 4 x H100)."""
+    rs = _results(key)
+    fx_starts = [[x for x in r["order"] if x.startswith("S:")] for r in rs]
+    code_starts = [[x for x in r["code_order"] if x.startswith("S:")] for r in rs]
+    assert len(fx_starts[0]) >= 4 and all(s == fx_starts[0] for s in fx_starts), fx_starts
+    assert all(r["unchained"] == 0 for r in rs), [r["unchained"] for r in rs]
+    assert code_starts == fx_starts, f"Inductor's order {code_starts} != the graph's {fx_starts}"
+
+
+def test_fuse_gelu():
+    """compile.fuse_gelu: every linear + tanh-GELU pair of tiny Flux becomes one linear_gelu_tanh call (on CUDA
+    one cuBLASLt GEMM with a GELU epilogue; on CPU the same pair), and the output still matches one process."""
+    for rank, r in enumerate(_results("flux_ce_qp2")):
+        assert "fuse_gelu: 3 linear + tanh-GELU pairs" in r["explain"], r["explain"]
+        assert r["n_gelu_fused"] == 3 and r["rel_err"] < REL_TOL, f"rank {rank}: {r['n_gelu_fused']} {r['rel_err']}"
+    assert "fuse_gelu" not in _results("flux_ce")[0]["explain"]
 
 
 def test_decompose_off_keeps_op():

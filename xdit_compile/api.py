@@ -296,6 +296,8 @@ def format_reports(reports) -> str:
                          f"{_sizes(a)}"
                          f"{f', {b:,} B sent' if b else ''}"
                          f"{_kept(a)}")
+        if (rep.get("fused") or {}).get("gelu"):
+            lines.append(f"  fuse_gelu: {rep['fused']['gelu']} linear + tanh-GELU pairs as one GEMM with a GELU epilogue")
         tr = rep.get("transfers") or {}
         if tr:
             lines.append(f"  schedule_transfers: {tr['split_linears']} linear(cat) split, {tr['moved_nodes']} nodes "

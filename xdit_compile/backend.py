@@ -45,6 +45,8 @@ class CompileContext:
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
+    fuse_gelu: bool = False            # plan.compile.fuse_gelu
+    fuse_report: dict = field(default_factory=dict)         # fuse_gelu: pairs fused
 
     @property
     def pipefusion(self) -> bool:
@@ -115,7 +117,8 @@ class XditCompiler:
                              query_parts=self.plan.compile.query_parts,
                              all_to_all=self.plan.compile.all_to_all,
                              shard_modulation=self.plan.compile.shard_modulation,
-                             fuse_modulation=self.plan.compile.fuse_modulation)
+                             fuse_modulation=self.plan.compile.fuse_modulation,
+                             fuse_gelu=self.plan.compile.fuse_gelu)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "
@@ -206,6 +209,7 @@ def _report(gm, ctx, index) -> dict:
         "attention": ctx.attention_report,
         "modulation": ctx.modulation_report,
         "transfers": ctx.transfer_report,
+        "fused": ctx.fuse_report,
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),

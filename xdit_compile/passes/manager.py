@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
+from .fuse_gelu import fuse_gelu_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
 from .schedule_transfers import schedule_transfers_pass
@@ -45,6 +46,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
             passes.append(("decompose_ulysses", decompose_ulysses_pass))
             if getattr(ctx, "all_to_all", "nccl") == "copy_engine":
                 passes.append(("schedule_transfers", schedule_transfers_pass))
+    if getattr(ctx, "fuse_gelu", False):
+        passes.append(("fuse_gelu", fuse_gelu_pass))
     cache = getattr(ctx, "cache_config", None)
     if cache is not None and cache.method != "none":
         # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes

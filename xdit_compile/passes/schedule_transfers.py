@@ -20,8 +20,9 @@ runtime/ce_a2a.py). A transfer started early and waited for late costs nothing w
         user of a pending wait (FLUX's single block: proj_mlp fills the q/k/v transfers, the split-off mlp
         half of proj_out the output's);
      d. the earliest pending wait.
-   Within a class the original order decides, so the result is deterministic and the same on every rank
-   (the collectives stay in the same order everywhere).
+   Within a class the original order decides, so the result is deterministic and the same on every rank.
+3. Chain the starts (each takes the previous one's token), so Inductor runs them in that order on every rank:
+   its code differs per rank, and starts in different orders pair the wrong buffers or deadlock (_chain_starts).
 
 Inductor keeps this order: the lowering turns off its peak-memory reordering and its post-grad reorder_for_locality
 (which would move every start right before its wait, its only user) when the graph holds a2a_start.
@@ -54,7 +55,25 @@ def schedule_transfers_pass(gm: fx.GraphModule, ctx) -> bool:
     moved = _schedule(g)
     if hasattr(ctx, "transfer_report"):
         ctx.transfer_report["moved_nodes"] = moved
+    _chain_starts(g)
     return True
+
+
+def _chain_starts(g: fx.Graph) -> None:
+    """Each start takes the previous start's token (`after`), so the starts run in this order on every rank.
+
+    Starts have no data dependency on each other, and Inductor's code for each rank differs in its constants
+    (each rank's slice of the sequence), so its fusion could place them differently per rank: Wan 480p at
+    ulysses 4 on H100s ran q before k on one rank and k before q on the others. A start allocates its receive
+    buffer collectively the first time (a rendezvous: buffers made in different orders pair the wrong buffers)
+    and queues a barrier kernel on one side stream (barriers queued in different orders wait for each other
+    forever)."""
+    prev = None
+    for n in g.nodes:
+        if n.target is START:
+            if prev is not None:
+                n.kwargs = {**n.kwargs, "after": prev}
+            prev = n
 
 
 # --- 1. linear(cat) split -------------------------------------------------------------------------------

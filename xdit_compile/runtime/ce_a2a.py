@@ -252,10 +252,12 @@ def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
 
 
 @torch.library.custom_op("xdit::a2a_start", mutates_args=())
-def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1) -> Tensor:
+def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1,
+              after: Tensor | None = None) -> Tensor:
     """Queue the all-to-all of x (q/k/v: the heads of head chunk `chunk` only; o: x is that chunk's attention
     output; qr: q, rotated; op: x is query part `chunk` of `chunks`); returns a token for a2a_wait (an empty
-    tensor)."""
+    tensor). `after`: the previous start's token, unused here; it only orders the starts the same on every
+    rank (schedule_transfers chains them), since starts allocate buffers collectively and queue barriers."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
@@ -363,7 +365,8 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
 
 
 @a2a_start.register_fake
-def _(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1) -> Tensor:
+def _(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1,
+      after: Tensor | None = None) -> Tensor:
     return x.new_empty(0)
 
 

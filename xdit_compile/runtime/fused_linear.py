@@ -54,3 +54,12 @@ def fused_linear(x: Tensor, key: str) -> Tensor:
 def _(x: Tensor, key: str) -> Tensor:
     w, _ = _HELD[key]
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def linear_gelu_tanh(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``gelu(linear(x, w, b), approximate="tanh")``; on CUDA in bf16 / fp16 one cuBLASLt GEMM with bias + GELU
+    in its epilogue (``torch._addmm_activation``, which Inductor keeps as one extern call; passes/fuse_gelu.py)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype == b.dtype and x.dim() >= 2:
+        y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], w.shape[0])
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
