@@ -34,7 +34,8 @@ Methods:
              part's output sent back beside the next part's attention); xdit_cg_ce_fc2 = xdit_cg_ce_fm +
              compile.ulysses_chunks = 2 (since session 10 under copy_engine only where the output has no partner);
              xdit_cg_ce_fmg = xdit_cg_ce_fm + compile.fuse_gelu = true (MLP linear + tanh-GELU as one cuBLASLt GEMM
-             with a GELU epilogue), xdit_cg_ce_g = xdit_cg_ce + compile.fuse_gelu;
+             with a GELU epilogue). fuse_gelu is the default since session 11, so every xdit row has it unless
+             its method turns it off (xdit_cg_ce_fm_nog: xdit_cg_ce_fm without it, the A/B of session 11);
              xdit_cg_ce_c2 / _c3 / _c5 the same with compile.ulysses_chunks = 2 / 3 / 5 (attention per head chunk, each
              chunk's transfers beside the neighbouring chunk's attention)
   xdit_cg_nomod  xdit_cg with compile.shard_modulation = false: every rank computes the AdaLN modulation linears
@@ -105,8 +106,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                          "fuse_modulation": True, "query_parts": p} for p in (2, 4)},
                 "xdit_cg_ce_fmg": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                    "fuse_modulation": True, "fuse_gelu": True},
-                "xdit_cg_ce_g": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
-                                 "fuse_gelu": True},
+                "xdit_cg_ce_fm_nog": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                      "fuse_modulation": True, "fuse_gelu": False},
                 "xdit_cg_ce_fc2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                    "fuse_modulation": True, "ulysses_chunks": 2},
                 "xdit_cg_ce_c2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -126,7 +127,7 @@ DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_fm": 90, "xdit_cg_ce_fq2": 90, "xdit_cg_ce_fq4": 90, "xdit_cg_ce_fc2": 90, "xdit_cg_ce_fmg": 90, "xdit_cg_ce_g": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_fm": 90, "xdit_cg_ce_fq2": 90, "xdit_cg_ce_fq4": 90, "xdit_cg_ce_fc2": 90, "xdit_cg_ce_fmg": 90, "xdit_cg_ce_fm_nog": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -768,7 +769,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                         f"GEMV, {p} query parts)" for p in (2, 4)},
                 "xdit_cg_ce_fmg": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                   "GELU epilogue)",
-                "xdit_cg_ce_g": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, GELU epilogue)",
+                "xdit_cg_ce_fm_nog": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
+                                     "no GELU epilogue)",
                 "xdit_cg_ce_fc2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                   "2 head chunks)",
                 "xdit_cg_ce_c2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 2 head chunks)",

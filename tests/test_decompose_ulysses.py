@@ -267,22 +267,25 @@ CASES = {
     "wan": {"model": "wan", "size": {}, "compile": {}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
     # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
-    "flux_ce": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine"}},
+    "flux_ce": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine", "fuse_gelu": False}},
     "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
     # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
     # query parts: per attention v, k, qr + 2 output parts started, 3 + 1 waits
-    # + fuse_gelu: the 3 MLP linear + tanh-GELU pairs (double block img / txt ff, single block proj_mlp) fused
+    # fuse_gelu (default): the 3 MLP linear + tanh-GELU pairs (double block img / txt ff, single block proj_mlp)
     "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8},
-                    "compile": {"all_to_all": "copy_engine", "query_parts": 2, "fuse_gelu": True}},
+                    "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
 }
 
 
 def _run_case(case: dict) -> dict:
     import xdit_compile as xc
 
+    from xdit_compile.runtime import ce_a2a
+
     torch._dynamo.reset()
+    bufs_before = set(ce_a2a._BUFS)
     model_case = MODELS[case["model"]]
     if "heads" in case:
         model_case = dataclasses.replace(model_case, config={**model_case.config, "num_attention_heads": case["heads"]})
@@ -328,6 +331,9 @@ def _run_case(case: dict) -> dict:
         "order": order,
         "code_order": code_order,
         "unchained": unchained,
+        # copy-engine buffers made during the run that the backend did not make before it (should be none)
+        "ce_late": sorted(map(str, set(ce_a2a._BUFS) - bufs_before - {k for r in reports for k in r["ce_reserved"]})),
+        "ce_reserved": sum(len(r["ce_reserved"]) for r in reports),
         "n_gelu_fused": sum(t.endswith("linear_gelu_tanh") or "linear_gelu_tanh " in t for t in targets),
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
@@ -437,22 +443,26 @@ def test_copy_engine_schedule(which):
     assert "lin" in tail[tail.index("S:o"):tail.index("W:o")], f"mlp half of proj_out during the o transfer: {tail}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_qp2"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2"])
 def test_copy_engine_starts_in_one_order(key):
     """The generated code of every rank starts the transfers in the fx graph's order, the same on all ranks:
-    schedule_transfers chains the starts (a start's first call allocates its buffer collectively and queues a
-    barrier, so starts in different orders pair the wrong buffers or deadlock; Wan 480p hung on 4 x H100)."""
+    schedule_transfers chains the starts (a start queues a barrier, and allocated its buffer collectively, so
+    starts in different orders pair the wrong buffers or deadlock). The backend makes every buffer the starts use
+    before the graph first runs (Wan 480p deadlocked on 4 x H100 with a rendezvous inside the first run)."""
     rs = _results(key)
     fx_starts = [[x for x in r["order"] if x.startswith("S:")] for r in rs]
     code_starts = [[x for x in r["code_order"] if x.startswith("S:")] for r in rs]
     assert len(fx_starts[0]) >= 4 and all(s == fx_starts[0] for s in fx_starts), fx_starts
     assert all(r["unchained"] == 0 for r in rs), [r["unchained"] for r in rs]
+    # and every buffer they use was made before the graph first ran (no rendezvous inside the first run)
+    assert all(r["ce_reserved"] >= 4 and not r["ce_late"] for r in rs), [(r["ce_reserved"], r["ce_late"]) for r in rs]
     assert code_starts == fx_starts, f"Inductor's order {code_starts} != the graph's {fx_starts}"
 
 
 def test_fuse_gelu():
     """compile.fuse_gelu: every linear + tanh-GELU pair of tiny Flux becomes one linear_gelu_tanh call (on CUDA
-    one cuBLASLt GEMM with a GELU epilogue; on CPU the same pair), and the output still matches one process."""
+    one cuBLASLt GEMM with a GELU epilogue; on CPU the same pair), and the output still matches one process; off
+    when the plan says so."""
     for rank, r in enumerate(_results("flux_ce_qp2")):
         assert "fuse_gelu: 3 linear + tanh-GELU pairs" in r["explain"], r["explain"]
         assert r["n_gelu_fused"] == 3 and r["rel_err"] < REL_TOL, f"rank {rank}: {r['n_gelu_fused']} {r['rel_err']}"

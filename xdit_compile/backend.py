@@ -45,8 +45,10 @@ class CompileContext:
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
-    fuse_gelu: bool = False            # plan.compile.fuse_gelu
+    fuse_gelu: bool = True             # plan.compile.fuse_gelu
     fuse_report: dict = field(default_factory=dict)         # fuse_gelu: pairs fused
+    ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
+    ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
 
     @property
     def pipefusion(self) -> bool:
@@ -128,6 +130,9 @@ class XditCompiler:
         if self.plan.cache.method != "none":
             gm = _own_copy(gm)
         gm = run_passes(gm, ctx)
+        if ctx.ce_buffers:      # every rank, same order, before the first run (runtime/ce_a2a.reserve says why)
+            from .runtime import ce_a2a
+            ctx.ce_reserved = ce_a2a.reserve(ctx.ce_buffers)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
         comp = self.plan.compile
@@ -210,6 +215,7 @@ def _report(gm, ctx, index) -> dict:
         "modulation": ctx.modulation_report,
         "transfers": ctx.transfer_report,
         "fused": ctx.fuse_report,
+        "ce_reserved": ctx.ce_reserved,
         "events": events,
         "unknown_ops": sorted({str(v) for v in an.unknown.values()}) if an is not None else [],
         "timings": dict(ctx.timings),

@@ -81,6 +81,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from ..runtime import ce_a2a
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -120,6 +121,10 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
                 out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts)
+                qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
+                if hasattr(ctx, "ce_buffers"):
+                    ctx.ce_buffers += ce_a2a.buffer_specs(group, len(sizes), (*qv.shape[:2], sizes[0], qv.shape[3]),
+                                                          qv.dtype, qv.device, slot % 2, chunks, parts)
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)

@@ -76,7 +76,7 @@ from torch import Tensor
 
 from .symm_a2a import _in_side_thread, _timeout_ms
 
-__all__ = ["available", "a2a_start", "a2a_wait", "out_shape"]
+__all__ = ["available", "a2a_start", "a2a_wait", "buffer_specs", "out_shape", "reserve"]
 
 KINDS = ("q", "k", "v", "o", "qr", "op")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
@@ -206,21 +206,50 @@ def available(group_name: str, device: torch.device) -> bool:
     return _OK[key]
 
 
-def _buffer(group_name: str, kind: str, slot: int, mem_shape, x: Tensor, ce: bool) -> dict:
-    key = (group_name, kind, slot, tuple(mem_shape), x.dtype, x.device)
+def _buffer(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype, device: torch.device,
+            ce: bool) -> dict:
+    key = (group_name, kind, slot, tuple(mem_shape), dtype, device)
     st = _BUFS.get(key)
     if st is None:
         def make():
             if not ce:
-                return {"buf": torch.empty(mem_shape, dtype=x.dtype, device=x.device)}
+                return {"buf": torch.empty(mem_shape, dtype=dtype, device=device)}
             import torch.distributed._symmetric_memory as symm_mem
-            buf = symm_mem.empty(*mem_shape, dtype=x.dtype, device=x.device)
+            buf = symm_mem.empty(*mem_shape, dtype=dtype, device=device)
             hdl = symm_mem.rendezvous(buf, group_name)
             off = buf.data_ptr() - hdl.buffer_ptrs[hdl.rank]
             return {"buf": buf, "hdl": hdl, "ptrs": [p + off for p in hdl.buffer_ptrs]}
         # outside the CUDA-graph warm-up's memory pool (see symm_a2a._state)
-        st = _BUFS[key] = _in_side_thread(make, x.device) if x.is_cuda else make()
+        st = _BUFS[key] = _in_side_thread(make, device) if device.type == "cuda" else make()
     return st
+
+
+def buffer_specs(group_name: str, n: int, q_shape, dtype: torch.dtype, device: torch.device, slot: int,
+                 chunks: int = 1, parts: int = 1) -> list[tuple]:
+    """The receive buffers one decomposed attention's starts use (decompose_ulysses records them): q_shape is
+    this rank's (B, H, S, D) of q, k and v; the same keys a2a_start computes."""
+    b, heads, s, d = q_shape
+    xs = [("v", q_shape, chunks), ("k", q_shape, chunks), ("qr" if parts > 1 else "q", q_shape, chunks)]
+    if parts > 1:
+        xs.append(("op", (b, heads // n, n * s // parts, d), parts))
+    else:
+        xs.append(("o", (b, heads // n // chunks, n * s, d), chunks))
+    return [(group_name, kind, slot, out_shape(kind, shape, n, c)[1], dtype, device) for kind, shape, c in xs]
+
+
+def reserve(specs: list[tuple]) -> list[tuple]:
+    """Make the receive buffers of `specs` now (the backend calls this after the passes, before the graph first
+    runs, in the graph's order: the same on every rank). A buffer made lazily by the first a2a_start is a host
+    collective (a rendezvous) inside the first run, where a rank can also be blocked on its own GPU (Inductor's
+    autotuning synchronizes): Wan 480p at ulysses 4 deadlocked that way on 4 x H100. Returns the keys made."""
+    made = []
+    for group_name, kind, slot, mem_shape, dtype, device in dict.fromkeys(specs):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        n = dist.distributed_c10d._resolve_process_group(group_name).size()
+        _buffer(group_name, kind, slot, mem_shape, dtype, device, available(group_name, device) and n > 1)
+        made.append((group_name, kind, slot, tuple(mem_shape), dtype, device))
+    return made
 
 
 def _streams(device: torch.device, n: int):
@@ -264,7 +293,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     flag = _signal_mode() == "flag"     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
-    st = _buffer(group_name, kind, slot, mem_shape, x, ce)
+    st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)
     xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
     b, d = xt.shape[0], xt.shape[3]
     per = n // chunks if kind == "op" else n                 # rank blocks in x (op: in one query part)
