@@ -69,7 +69,23 @@ class ParallelDims:
         if dims is None:
             mesh = init_device_mesh(device.type, parallel.degrees(), mesh_dim_names=ParallelConfig.AXES)
             dims = _CACHE[key] = cls(parallel=parallel, mesh=mesh, device=device)
+            dims._connect()
         return dims
+
+    def _connect(self) -> None:
+        """One barrier on every group of more than one rank, in one order on every rank, so NCCL makes its
+        communicators here and not lazily on their first collective inside a compiled graph's first run. There a
+        communicator's creation (a host-side collective) could meet a rank blocked on its own GPU (Inductor's
+        per-rank autotuning synchronizes): the deadlock found with copy_engine's lazily made buffers on Wan."""
+        if dist.get_world_size() == 1:
+            return
+        for axis in (*ParallelConfig.AXES, SP_AXIS):
+            if self.axis_size(axis) > 1:
+                g = self.get_group(axis)
+                if self.device.type == "cuda":
+                    dist.barrier(group=g, device_ids=[self.device.index])
+                else:
+                    dist.barrier(group=g)
 
     # --- axes -----------------------------------------------------------------------------------------
 
