@@ -63,11 +63,11 @@ def _chain_starts(g: fx.Graph) -> None:
     """Each start takes the previous start's token (`after`), so the starts run in this order on every rank.
 
     Starts have no data dependency on each other, and Inductor's code for each rank differs in its constants
-    (each rank's slice of the sequence), so its fusion could place them differently per rank: Wan 480p at
-    ulysses 4 on H100s ran q before k on one rank and k before q on the others. A start allocates its receive
-    buffer collectively the first time (a rendezvous: buffers made in different orders pair the wrong buffers)
-    and queues a barrier kernel on one side stream (barriers queued in different orders wait for each other
-    forever)."""
+    (each rank's slice of the sequence), so its fusion may place them differently per rank (the Wan 480p
+    deadlock on 4 x H100 showed different code per rank; which order each rank ran was not seen). A start could
+    allocate its receive buffer collectively (a rendezvous: buffers made in different orders would pair the wrong
+    buffers) and it queues a barrier kernel on one side stream (barriers queued in different orders would wait
+    for each other forever)."""
     prev = None
     for n in g.nodes:
         if n.target is START:

@@ -59,7 +59,9 @@ it starts the in-between transfer, and a peer sets it again only after it waited
 The wait also takes what the starts read (xs), so it stays allocated until the copies that read it are done.
 
 Memory: 2 slots x (q, k, v, o) receive buffers per shape, kept for the process (FLUX 1024² on 4 ranks: 8 x 7 MB;
-Wan 480p: 8 x 84 MB); a new resolution adds its own set (allocated collectively, the same on every rank).
+Wan 480p: 8 x 84 MB); a new resolution adds its own set (allocated collectively, the same on every rank). The
+backend makes a graph's buffers before the graph first runs (``reserve``, from the specs decompose_ulysses
+records), so no rendezvous happens inside a run; a start that finds no buffer still makes one.
 
 Fallback (CPU / gloo, GPUs without peer access, a torch without symmetric memory, XDIT_CE_A2A=0): the start
 runs ``dist.all_to_all_single`` and fills the same buffer (a plain tensor), the wait returns the same view;
