@@ -82,13 +82,18 @@ def test_simple_decomposed():
 ])
 def test_other_collectives(mode, collective, count, became):
     gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
-    ctx.all_to_all = mode
+    ctx.all_to_all, ctx.symm_buffers = mode, []
     assert decompose_ulysses_pass(gm, ctx)
     gm.graph.lint()
     targets = _targets(gm)
     assert targets.count(collective) == count and str(ULYSSES_OP) not in targets
     assert not any(t.startswith(A2A) for t in targets)
     assert became in ctx.attention_report[0]["became"]
+    # symm_mem: the buffers of its two calls (this rank's q, k, v stacked: 3 x 1 x 4 heads x 4 tokens x 16, then
+    # the output), recorded so the backend makes them before the first run
+    meta = torch.device("meta")
+    assert ctx.symm_buffers == ([("g", 768, torch.float32, meta), ("g", 256, torch.float32, meta)]
+                                if mode == "symm_mem" else [])
 
 
 def test_copy_engine_decomposed():

@@ -49,6 +49,7 @@ class CompileContext:
     fuse_report: dict = field(default_factory=dict)         # fuse_gelu: pairs fused
     ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
     ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
+    symm_buffers: list = field(default_factory=list)        # decompose_ulysses: symm_all_to_all buffers to make first
 
     @property
     def pipefusion(self) -> bool:
@@ -133,6 +134,9 @@ class XditCompiler:
         if ctx.ce_buffers:      # every rank, same order, before the first run (runtime/ce_a2a.reserve says why)
             from .runtime import ce_a2a
             ctx.ce_reserved = ce_a2a.reserve(ctx.ce_buffers)
+        if ctx.symm_buffers:
+            from .runtime import symm_a2a
+            symm_a2a.reserve(ctx.symm_buffers)
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
         comp = self.plan.compile

@@ -128,6 +128,10 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
+                if symm and hasattr(ctx, "symm_buffers"):    # its two calls' buffers, made before the first run
+                    qv = q.meta["example_value"]
+                    local = qv.numel() // qv.shape[2] * sizes[0]
+                    ctx.symm_buffers += [(group, 3 * local, qv.dtype, qv.device), (group, local, qv.dtype, qv.device)]
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
         n.replace_all_uses_with(out)
         g.erase_node(n)

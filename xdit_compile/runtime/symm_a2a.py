@@ -99,6 +99,22 @@ def _state(group_name: str, x: Tensor):
     return st
 
 
+def reserve(specs: list[tuple]) -> int:
+    """Make the buffers of the calls a graph will make, (group, numel, dtype, device) each, before it first runs
+    and in one order on every rank, so no rendezvous happens inside a run (see ce_a2a.reserve). Only where the
+    call takes the symmetric-memory path. Returns how many were made."""
+    made = 0
+    for group_name, numel, dtype, device in dict.fromkeys(specs):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        n = dist.distributed_c10d._resolve_process_group(group_name).size()
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        if n > 1 and available(group_name, device) and size <= _max_bytes():
+            _state(group_name, torch.empty(numel, dtype=dtype, device=device))
+            made += 1
+    return made
+
+
 def _in_side_thread(fn, device: torch.device):
     """fn() run in another thread (its result, or its exception re-raised here). Under Inductor's CUDA graphs
     the first call is the warm-up, and what this thread allocated then would land in the graph's private memory
