@@ -229,27 +229,33 @@ def _buffer(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype
 def buffer_specs(group_name: str, n: int, q_shape, dtype: torch.dtype, device: torch.device, slot: int,
                  chunks: int = 1, parts: int = 1) -> list[tuple]:
     """The receive buffers one decomposed attention's starts use (decompose_ulysses records them): q_shape is
-    this rank's (B, H, S, D) of q, k and v; the same keys a2a_start computes."""
+    this rank's (B, H, S, D) of q, k and v; the same keys a2a_start computes, and the chunk count of their flags."""
     b, heads, s, d = q_shape
     xs = [("v", q_shape, chunks), ("k", q_shape, chunks), ("qr" if parts > 1 else "q", q_shape, chunks)]
     if parts > 1:
         xs.append(("op", (b, heads // n, n * s // parts, d), parts))
     else:
         xs.append(("o", (b, heads // n // chunks, n * s, d), chunks))
-    return [(group_name, kind, slot, out_shape(kind, shape, n, c)[1], dtype, device) for kind, shape, c in xs]
+    return [(group_name, kind, slot, out_shape(kind, shape, n, c)[1], dtype, device, 1 if kind == "op" else c)
+            for kind, shape, c in xs]
 
 
 def reserve(specs: list[tuple]) -> list[tuple]:
     """Make the receive buffers of `specs` now (the backend calls this after the passes, before the graph first
     runs, in the graph's order: the same on every rank). A buffer made lazily by the first a2a_start is a host
     collective (a rendezvous) inside the first run, where a rank can also be blocked on its own GPU (Inductor's
-    autotuning synchronizes): Wan 480p at ulysses 4 deadlocked that way on 4 x H100. Returns the keys made."""
+    autotuning synchronizes): Wan 480p at ulysses 4 deadlocked that way on 4 x H100. With XDIT_CE_SIGNAL=flag
+    the flags too. Returns the keys made."""
     made = []
-    for group_name, kind, slot, mem_shape, dtype, device in dict.fromkeys(specs):
+    flag = _signal_mode() == "flag"
+    for group_name, kind, slot, mem_shape, dtype, device, flag_chunks in dict.fromkeys(specs):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         n = dist.distributed_c10d._resolve_process_group(group_name).size()
-        _buffer(group_name, kind, slot, mem_shape, dtype, device, available(group_name, device) and n > 1)
+        ce = available(group_name, device) and n > 1
+        _buffer(group_name, kind, slot, mem_shape, dtype, device, ce)
+        if ce and flag:
+            _flags(group_name, kind, slot, flag_chunks, n, device)
         made.append((group_name, kind, slot, tuple(mem_shape), dtype, device))
     return made
 
