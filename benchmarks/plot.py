@@ -14,6 +14,8 @@ LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_com
          "xdit_ind": "xdit_compile Inductor", "xdit_cg": "xdit_compile Inductor+CUDA graphs",
          "xdit_cg_op": "xdit_compile Inductor+CUDA graphs (opaque a2a op)",
          "xdit_cg_ov": "xdit_compile Inductor+CUDA graphs+overlap",
+         "xdit_cg_ce": "xdit_compile Inductor+CUDA graphs, copy-engine a2a",
+         "xdit_cg_ce_fm": "xdit_compile Inductor+CUDA graphs, copy-engine a2a, fusions",
          "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP compiled", "xfuser": "xDiT"}
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
 
