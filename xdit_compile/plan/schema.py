@@ -194,8 +194,9 @@ class CompileConfig:
     completion by a barrier kernel with a timeout (``XDIT_CE_SIGNAL=flag``: stream-memop flags, no SM work, no
     timeout, slower on 4 GPUs); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4
     on 4 x H100 40.5 ms/step (38.6 with fuse_modulation and fuse_gelu); on 4 x H200 41.3 (flags) against 46.1 with
-    nccl). Wan 480p at ulysses 4 deadlocked on its first call (4 x H100, session 11); the receive buffers are
-    now made before the first run, which is not run on a GPU yet: use nccl for Wan until it is)."""
+    nccl; Wan 480p ulysses 4 on 4 x H200 781.9 ms/step, 816.8 with nccl in an earlier run). Its receive buffers are
+    made before the graph first runs (a rendezvous inside the first run deadlocked against Inductor's per-rank
+    autotuning)."""
     shard_modulation: bool = True
     """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
     linears (AdaLN ``linear(silu(temb))``, the same on every rank) and one all-gather shares them, so each rank
