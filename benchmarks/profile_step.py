@@ -132,6 +132,8 @@ def main():
         for e in prof.events():
             if device.type == "cuda" and e.device_type.name != "CUDA":
                 continue
+            if e.name.startswith("## "):   # GPU-side ranges (Inductor's "## Call CompiledFxGraph ..."), not kernels
+                continue
             if device.type == "cpu" and e.cpu_parent is not None:
                 continue
             us = (e.device_time if device.type == "cuda" else e.cpu_time) / args.steps
