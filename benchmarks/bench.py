@@ -16,7 +16,7 @@ Methods:
   eager      1 GPU, plain diffusers model                        (N=1 only)
   inductor   1 GPU, torch.compile(model)                         (N=1 only)
   xdit       xdit_compile.parallelize, eager lowering            (every N; at N=1: all degrees 1, the wrapper cost)
-  xdit_ind   xdit_compile.parallelize, inductor lowering         (every N)
+  xdit_ind   xdit_compile.parallelize, inductor lowering, compile.all_to_all = "nccl"  (every N)
   xdit_cg    the same + compile.cudagraphs (the step replayed as one CUDA graph, collectives included)
   xdit_cg_op xdit_cg with compile.decompose_collectives = false: Ulysses stays the opaque xdit op (the path
              before issue 4's functional collectives; A/B against xdit_cg)  (N>1)
@@ -88,13 +88,15 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
-CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ulysses_chunks": k, "overlap": bool(ov)}
+CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ulysses_chunks": k, "overlap": bool(ov),
+                                  "all_to_all": "nccl"}
            for k in (2, 3, 5, 6) for ov in ("", "ov")}
-# compile section of each xdit method's plan (decompose_collectives defaults to true)
-XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor"},
+# compile section of each xdit method's plan (decompose_collectives defaults to true; all_to_all defaults to "auto",
+# copy_engine on one host's GPUs, so the NCCL rows name it)
+XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor", "all_to_all": "nccl"},
                 "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},
-                "xdit_cg": {"lowering": "inductor", "cudagraphs": True},
-                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True},
+                "xdit_cg": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "nccl"},
+                "xdit_cg_ov": {"lowering": "inductor", "cudagraphs": True, "overlap": True, "all_to_all": "nccl"},
                 "xdit_cg_sm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem"},
                 "xdit_cg_ag": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "allgather_kv"},
                 "xdit_cg_ce": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
@@ -116,7 +118,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                   "ulysses_chunks": 3},
                 "xdit_cg_ce_c5": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                   "ulysses_chunks": 5},
-                "xdit_cg_nomod": {"lowering": "inductor", "cudagraphs": True, "shard_modulation": False},
+                "xdit_cg_nomod": {"lowering": "inductor", "cudagraphs": True, "shard_modulation": False,
+                                  "all_to_all": "nccl"},
                 "xdit_cg_smnm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem",
                                  "shard_modulation": False}, **CHUNKED}
 XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}, "xdit_cg_cef": {"XDIT_CE_SIGNAL": "flag"}}  # environment while the method builds and runs

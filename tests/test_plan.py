@@ -126,7 +126,7 @@ def test_unknown_key(d, message):
         ({"compile": {"decompose_collectives": "yes"}}, "compile.decompose_collectives must be a bool"),
         ({"compile": {"query_parts": 0}}, "compile.query_parts must be an int >= 1, got 0"),
         ({"compile": {"query_parts": 2}}, 'compile.query_parts = 2 needs compile.all_to_all = "copy_engine" and '
-         "compile.ulysses_chunks = 1, got all_to_all = 'nccl'"),
+         "compile.ulysses_chunks = 1, got all_to_all = 'auto'"),
         ({"compile": {"query_parts": 2, "all_to_all": "copy_engine", "ulysses_chunks": 2}},
          "got all_to_all = 'copy_engine', ulysses_chunks = 2; set those or drop query_parts"),
         ({"model": 3}, "model must be a string"),

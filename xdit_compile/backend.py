@@ -40,7 +40,7 @@ class CompileContext:
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
     query_parts: int = 1               # plan.compile.query_parts (decompose_ulysses, copy_engine)
-    all_to_all: str = "nccl"           # plan.compile.all_to_all (decompose_ulysses)
+    all_to_all: str = "nccl"           # plan.compile.all_to_all as run (decompose_ulysses; all_to_all_mode)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
@@ -93,6 +93,27 @@ class CompileContext:
         return self.dims.group_name(axis)
 
 
+def _device_type(example_inputs) -> str:
+    import torch
+    return "cuda" if any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs) else "cpu"
+
+
+def all_to_all_mode(mode: str, lowering: str, device_type: str, world: int | None = None,
+                    local_gpus: int | None = None) -> str:
+    """compile.all_to_all as run: "auto" is copy_engine under Inductor on CUDA when every rank's GPU is on this
+    host (the fastest measured: FLUX 1024² ulysses 4 on 4 x H200 41.3 against 46.1 ms/step with nccl), else
+    nccl. The same answer on every rank of a uniform job."""
+    if mode != "auto":
+        return mode
+    if lowering != "inductor" or device_type != "cuda":
+        return "nccl"
+    import torch
+    import torch.distributed as dist
+    world = world if world is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    local_gpus = local_gpus if local_gpus is not None else torch.cuda.device_count()
+    return "copy_engine" if world <= local_gpus else "nccl"
+
+
 class XditCompiler:
     def __init__(self, plan: Plan, dims=None, disabled_passes=()):
         from .mesh import ParallelDims
@@ -118,7 +139,8 @@ class XditCompiler:
                              decompose_collectives=self.plan.compile.decompose_collectives,
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
                              query_parts=self.plan.compile.query_parts,
-                             all_to_all=self.plan.compile.all_to_all,
+                             all_to_all=all_to_all_mode(self.plan.compile.all_to_all, self.plan.compile.lowering,
+                                                        _device_type(example_inputs)),
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation,
                              fuse_gelu=self.plan.compile.fuse_gelu)
