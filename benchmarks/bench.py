@@ -46,6 +46,7 @@ Methods:
              backend in DIFFUSERS_BACKENDS is tried, the row is the fastest (all listed in its note)  (N>1)
   diffusers_ind  the same with the _native_cudnn backend under torch.compile (the peer's compiled mode)  (N>1)
   xfuser     xDiT's transformer-level USP wrapper (e.g. xFuserFlux1Transformer2DWrapper), same degrees  (N>1)
+  xfuser_ind the same under torch.compile (xfuser's use_torch_compile: torch.compile(transformer.forward))  (N>1)
 Degrees at N=2: ulysses 2, ring 2 (+ cfg 2 for sd3cfg); N=4: ulysses 4, ring 4, ulysses 2 x ring 2
 (+ cfg 2 x ulysses 2 for sd3cfg). A peer that can't do a degree set (diffusers has no cfg parallelism and
 no _cp_plan for SD3) or fails to import/run is recorded as "n/a: <reason>" and the run goes on.
@@ -92,7 +93,7 @@ CHUNKED = {f"xdit_cg_c{k}{ov}": {"lowering": "inductor", "cudagraphs": True, "ul
                                   "all_to_all": "nccl"}
            for k in (2, 3, 5, 6) for ov in ("", "ov")}
 # compile section of each xdit method's plan (decompose_collectives defaults to true; all_to_all defaults to "auto",
-# copy_engine on one host's GPUs, so the NCCL rows name it)
+# copy_engine when Ulysses spans one host's GPUs, so the NCCL rows name it)
 XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inductor", "all_to_all": "nccl"},
                 "xdit_cg_op": {"lowering": "inductor", "cudagraphs": True, "decompose_collectives": False},
                 "xdit_cg": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "nccl"},
@@ -125,13 +126,14 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
 XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}, "xdit_cg_cef": {"XDIT_CE_SIGNAL": "flag"}}  # environment while the method builds and runs
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
-METHODS = [*MAIN_METHODS, "xfuser"]
+XFUSER_METHODS = ("xfuser", "xfuser_ind")
+METHODS = [*MAIN_METHODS, *XFUSER_METHODS]
 DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
          "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_fm": 90, "xdit_cg_ce_fq2": 90, "xdit_cg_ce_fq4": 90, "xdit_cg_ce_fc2": 90, "xdit_cg_ce_fmg": 90, "xdit_cg_ce_fm_nog": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
-         **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40}
+         **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
 
@@ -204,7 +206,7 @@ def deg_str(d):
 def methods_for(n, methods):
     if n == 1:
         return [m for m in methods if m in ("eager", "inductor", "xdit", "xdit_ind")]
-    return [m for m in methods if m in (*XDIT_METHODS, "diffusers", "diffusers_ind", "xfuser")]
+    return [m for m in methods if m in (*XDIT_METHODS, "diffusers", "diffusers_ind", *XFUSER_METHODS)]
 
 
 def _decomposed_note(m):
@@ -628,11 +630,11 @@ class Worker:
                    backends={b: r["ms"] for b, r in rows.items()})
         return row
 
-    def run_xfuser(self, model, d):
+    def run_xfuser(self, model, d, method="xfuser"):
         inputs = make_inputs(model, self.tiny, self.device, self.dtype)
-        self.guarded(model, "xfuser", d, lambda: self._xfuser(model, d, inputs))
+        self.guarded(model, method, d, lambda: self._xfuser(model, d, inputs, compiled=method == "xfuser_ind"))
 
-    def _xfuser(self, model, d, inputs):
+    def _xfuser(self, model, d, inputs, compiled=False):
         import importlib
         import pkgutil
         import torch
@@ -694,8 +696,10 @@ class Worker:
             get_runtime_state().set_input_parameters(
                 height=hw[0], width=hw[1], batch_size=s["batch"], max_condition_sequence_length=s["txt"],
                 split_text_embed_in_sp=True)
+        if compiled:   # what xfuser's pipelines do with use_torch_compile (base_pipeline._convert_transformer_backbone)
+            m.forward = torch.compile(m.forward)
         row, out = self.measure(m, inputs, model, ref=self.ref(model))
-        row["note"] = f"{cls.__module__}.{cls.__name__}" + (
+        row["note"] = f"{cls.__module__}.{cls.__name__}" + (" under torch.compile" if compiled else "") + (
             "" if ref_cs is None or ref_cs == cs else " (WARNING: weights differ from the 1-GPU model)")
         return row
 
@@ -705,9 +709,10 @@ def worker_main(args):
     sys.path.insert(0, ROOT)
     methods = args.methods.split(",")
     for model in args.models.split(","):
-        if "xfuser" in methods:
+        if any(m in XFUSER_METHODS for m in methods):
             d = json.loads(args.degrees)
-            w.run_xfuser(model, d)
+            for m in methods:
+                w.run_xfuser(model, d, m)
         else:
             w.run_main(model, methods)
     import torch.distributed as dist
@@ -784,7 +789,7 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 **{m: f"xdit_compile (Inductor + CUDA graphs, {c['ulysses_chunks']} head chunks"
                       f"{' + comm overlap' if c['overlap'] else ''})" for m, c in CHUNKED.items()},
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",
-                "xfuser": "xDiT (xfuser)"}
+                "xfuser": "xDiT (xfuser)", "xfuser_ind": "xDiT (xfuser, torch.compile)"}
 
 
 def format_md(rows, meta):
@@ -952,18 +957,20 @@ def driver(args):
         no_xfuser = "n/a: xfuser is not installed (needs the wheels xfuser 0.7.0, yunchang 0.6.4, distvae 0.1.0)"
     for n in ns:
         for model in models:
-            main = [m for m in methods_for(n, methods) if m != "xfuser"]
+            main = [m for m in methods_for(n, methods) if m not in XFUSER_METHODS]
+            xf = [m for m in methods_for(n, methods) if m in XFUSER_METHODS]
             groups = []
             if main:
                 keys = [row_key(model, m, n, d) for m in main for d in degree_sets(n, model)]
                 groups.append(("main", main, None, keys))
-            if "xfuser" in methods_for(n, methods):
+            if xf:
                 for d in degree_sets(n, model):
                     if no_xfuser:
-                        write_row(args.out, dict(key=row_key(model, "xfuser", n, d), model=model, method="xfuser",
-                                                 n=n, degrees=d, deg=deg_str(d), ms=None, note=no_xfuser))
+                        for m in xf:
+                            write_row(args.out, dict(key=row_key(model, m, n, d), model=model, method=m,
+                                                     n=n, degrees=d, deg=deg_str(d), ms=None, note=no_xfuser))
                         continue
-                    groups.append((f"xfuser_{deg_str(d)}", ["xfuser"], d, [row_key(model, "xfuser", n, d)]))
+                    groups.append((f"xfuser_{deg_str(d)}", xf, d, [row_key(model, m, n, d) for m in xf]))
             for gname, gmethods, d, keys in groups:
                 done = load_done(args.out) if not args.force else set()
                 if all(k in done for k in keys):

@@ -16,7 +16,8 @@ LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "xdit_com
          "xdit_cg_ov": "xdit_compile Inductor+CUDA graphs+overlap",
          "xdit_cg_ce": "xdit_compile Inductor+CUDA graphs, copy-engine a2a",
          "xdit_cg_ce_fm": "xdit_compile Inductor+CUDA graphs, copy-engine a2a, fusions",
-         "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP compiled", "xfuser": "xDiT"}
+         "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP compiled", "xfuser": "xDiT",
+         "xfuser_ind": "xDiT compiled"}
 MODELS = ["flux1024", "flux2048", "wan480", "sd3cfg"]
 
 

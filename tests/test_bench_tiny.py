@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_driver_tiny(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--driver", "--tiny", "--gpus", "2",
-           "--models", "flux1024", "--methods", "eager,xdit,xfuser", "--out", str(out)]
+           "--models", "flux1024", "--methods", "eager,xdit,xfuser,xfuser_ind", "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
@@ -34,8 +34,9 @@ def test_driver_tiny(tmp_path):
         assert rows[key]["rel_err"] < 1e-4, rows[key]
     assert (out / "ref" / "flux1024.pt").exists()
     # a peer that isn't installed is a row saying so, not a failure of the run
-    xf = rows["flux1024|xfuser|N2|u2"]
-    assert xf["ms"] is None and xf["note"].startswith("n/a"), xf
+    for meth in ("xfuser", "xfuser_ind"):
+        xf = rows[f"flux1024|{meth}|N2|u2"]
+        assert xf["ms"] is None and xf["note"].startswith("n/a"), xf
 
     md = (out / "bench.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "xdit_compile (eager)" in ln]

@@ -259,19 +259,22 @@ def test_in_pipeline_only_when_asked(lowering, switch, ulysses, expected):
         assert names[names.index("decompose_ulysses") - 1] == "rewrite_attention"
 
 
-@pytest.mark.parametrize("mode,lowering,device,world,gpus,expected", [
-    ("auto", "inductor", "cuda", 4, 4, "copy_engine"),   # one host's GPUs: the fastest measured
-    ("auto", "inductor", "cuda", 8, 4, "nccl"),          # more ranks than this host's GPUs: several nodes
-    ("auto", "inductor", "cpu", 2, 0, "nccl"),           # gloo
-    ("auto", "eager", "cuda", 4, 4, "nccl"),             # nothing decomposed without Inductor
-    ("symm_mem", "inductor", "cuda", 8, 4, "symm_mem"),  # an explicit choice is kept
-    ("nccl", "inductor", "cuda", 4, 4, "nccl"),
+@pytest.mark.parametrize("mode,lowering,device,ulysses,world,gpus,expected", [
+    ("auto", "inductor", "cuda", 4, 4, 4, "copy_engine"),   # Ulysses over one host's GPUs: the plans measured
+    ("auto", "inductor", "cuda", 2, 2, 8, "copy_engine"),
+    ("auto", "inductor", "cuda", 8, 8, 4, "nccl"),          # more ranks than this host's GPUs: several nodes
+    ("auto", "inductor", "cuda", 2, 4, 4, "nccl"),          # Ulysses a subgroup (cfg / ring x ulysses): unmeasured
+    ("auto", "inductor", "cuda", 1, 4, 4, "nccl"),          # no Ulysses
+    ("auto", "inductor", "cpu", 2, 2, 0, "nccl"),           # gloo
+    ("auto", "eager", "cuda", 4, 4, 4, "nccl"),             # nothing decomposed without Inductor
+    ("symm_mem", "inductor", "cuda", 8, 8, 4, "symm_mem"),  # an explicit choice is kept
+    ("nccl", "inductor", "cuda", 4, 4, 4, "nccl"),
 ])
-def test_all_to_all_auto(mode, lowering, device, world, gpus, expected):
+def test_all_to_all_auto(mode, lowering, device, ulysses, world, gpus, expected):
     from xdit_compile.backend import _device_type, all_to_all_mode
     from xdit_compile.plan.schema import CompileConfig
 
-    assert all_to_all_mode(mode, lowering, device, world=world, local_gpus=gpus) == expected
+    assert all_to_all_mode(mode, lowering, device, ulysses=ulysses, world=world, local_gpus=gpus) == expected
     assert CompileConfig().all_to_all == "auto"
     assert _device_type([torch.zeros(1), 3]) == "cpu"
 

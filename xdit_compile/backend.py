@@ -98,19 +98,20 @@ def _device_type(example_inputs) -> str:
     return "cuda" if any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs) else "cpu"
 
 
-def all_to_all_mode(mode: str, lowering: str, device_type: str, world: int | None = None,
+def all_to_all_mode(mode: str, lowering: str, device_type: str, ulysses: int = 1, world: int = 1,
                     local_gpus: int | None = None) -> str:
-    """compile.all_to_all as run: "auto" is copy_engine under Inductor on CUDA when every rank's GPU is on this
-    host (the fastest measured: FLUX 1024² ulysses 4 on 4 x H200 41.3 against 46.1 ms/step with nccl), else
-    nccl. The same answer on every rank of a uniform job."""
+    """compile.all_to_all as run. "auto" is copy_engine under Inductor on CUDA when Ulysses spans the whole job
+    and every rank's GPU is on this host: the plans measured with it (FLUX 1024² ulysses 4 on 4 x H200: 41.3
+    against 46.1 ms/step with nccl; Wan 480p ulysses 4: 781.9). Else nccl: on CPU, with the eager lowering, over
+    several nodes, and where Ulysses is a subgroup (cfg / data / ring x ulysses), whose copy-engine path has
+    not run on GPUs yet. The same answer on every rank of a uniform job."""
     if mode != "auto":
         return mode
-    if lowering != "inductor" or device_type != "cuda":
+    if lowering != "inductor" or device_type != "cuda" or ulysses < 2 or ulysses != world:
         return "nccl"
-    import torch
-    import torch.distributed as dist
-    world = world if world is not None else (dist.get_world_size() if dist.is_initialized() else 1)
-    local_gpus = local_gpus if local_gpus is not None else torch.cuda.device_count()
+    if local_gpus is None:
+        import torch
+        local_gpus = torch.cuda.device_count()
     return "copy_engine" if world <= local_gpus else "nccl"
 
 
@@ -140,7 +141,9 @@ class XditCompiler:
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
                              query_parts=self.plan.compile.query_parts,
                              all_to_all=all_to_all_mode(self.plan.compile.all_to_all, self.plan.compile.lowering,
-                                                        _device_type(example_inputs)),
+                                                        _device_type(example_inputs),
+                                                        ulysses=self.dims.axis_size("ulysses"),
+                                                        world=self.dims.world_size),
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation,
                              fuse_gelu=self.plan.compile.fuse_gelu)
