@@ -2,7 +2,7 @@
 # copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag and
 # barrier completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
-#   [PROFILE=1] [CALLS=5] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
+#   [DEGS=u4,r4,u2xr2] [PROFILE=1] [CALLS=5] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 set -u
 N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
@@ -22,10 +22,10 @@ $B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1
 cp $X/n1/ref/*.pt $X/n$N/ref/
 if [ "${SPLIT:-0}" = 1 ]; then   # each method in its own sub-run (its own SUBRUN_S): a slow compile of one ends only its row
   for m in ${METHODS//,/ }; do
-    $B --ns $N --models $MODEL --methods $m --degs u$N --out $X/n$N >> $OUT/bench_n$N.log 2>&1
+    $B --ns $N --models $MODEL --methods $m --degs ${DEGS:-u$N} --out $X/n$N >> $OUT/bench_n$N.log 2>&1
   done
 else
-  $B --ns $N --models $MODEL --methods $METHODS --degs u$N --out $X/n$N > $OUT/bench_n$N.log 2>&1
+  $B --ns $N --models $MODEL --methods $METHODS --degs ${DEGS:-u$N} --out $X/n$N > $OUT/bench_n$N.log 2>&1
 fi
 python3 benchmarks/bench.py --merge --out $X/n$N --merge-from $X/n1 --md $OUT/bench.md > /dev/null 2>&1
 cp $X/n$N/rows.jsonl $OUT/rows_n$N.jsonl; cp $X/n1/rows.jsonl $OUT/rows_n1.jsonl
