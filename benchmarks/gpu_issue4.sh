@@ -2,7 +2,10 @@
 # The issue-4 benchmark on a 4 x H100 machine, in two device calls of < 10 minutes each (the driver is
 # resumable; raw rows live in /tmp/xb on the machine and are copied to $OUT/raw after each phase).
 #   bash benchmarks/gpu_issue4.sh 1   # N=1 rows of all models side by side (one GPU each), then flux1024 at N=4
-#   bash benchmarks/gpu_issue4.sh 2   # flux2048, wan480, sd3cfg at N=4, flux1024 ring rows, compiled diffusers
+#   bash benchmarks/gpu_issue4.sh 2   # flux2048, wan480 (best plan, peers eager and compiled), sd3cfg cfg x ulysses,
+#                                     # flux1024 ring / ulysses x ring rows
+#   PHASE2_JOBS="flux1024:xfuser_ind:u4 flux2048:xfuser_ind:u4" bash benchmarks/gpu_issue4.sh 2   # xDiT compiled
+# Rows the time left cannot fit are written as "skipped: time budget"; a later call on the same machine resumes.
 # CALLS=K: each timing is K forwards back to back / K (bench.py --calls-per-sample; default 1).
 # Needs the wheels in .whl/ (diffusers, importlib_metadata, xfuser, yunchang, distvae; see README.md).
 set -u
@@ -27,12 +30,12 @@ if [ "$PHASE" = 1 ]; then
   done
   wait
   cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null
-  $B --ns 4 --models flux1024 --methods xdit,xdit_ind,xdit_cg,diffusers,xfuser --degs u4 --out $R/n4 \
+  $B --ns 4 --models flux1024 --methods ${PHASE1_METHODS:-xdit_cg_ce_fm,diffusers,diffusers_ind,xfuser} --degs u4 --out $R/n4 \
     --budget-s $(left) > $OUT/n4_p1.log 2>&1
 else
-  for job in ${PHASE2_JOBS:-"flux2048:xdit,xdit_cg,diffusers,xfuser:u4" "wan480:xdit,xdit_cg,diffusers,xfuser:u4" \
-             "sd3cfg:xdit,xdit_cg,xfuser:cfg2xu2" "flux1024:xdit,xdit_cg,diffusers,xfuser:r4,u2xr2" \
-             "flux1024:diffusers_ind:u4"}; do
+  for job in ${PHASE2_JOBS:-"flux2048:xdit_cg_ce_fm,diffusers,diffusers_ind,xfuser:u4" \
+             "wan480:xdit_cg_ce,diffusers,diffusers_ind,xfuser:u4" "sd3cfg:xdit_cg,xfuser:cfg2xu2" \
+             "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2"}; do
     IFS=: read model meths degs <<< "$job"
     [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
     if [ ! -f $R/n4/ref/$model.pt ]; then  # a fresh machine: the 1-GPU reference output first (same run)
