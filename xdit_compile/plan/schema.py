@@ -187,8 +187,8 @@ class CompileConfig:
     """Decomposed Ulysses only: how its all-to-alls move data. auto (default): copy_engine with lowering =
     "inductor" on CUDA when Ulysses spans the whole job on one host's GPUs (the plans measured with it), else
     nccl. nccl (``_c10d_functional.all_to_all_single``) or symm_mem (``xdit::symm_all_to_all``: one Triton
-    kernel stores into the peers' symmetric-memory buffers over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot reach each other), or
-    allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
+    kernel stores into the peers' symmetric-memory buffers over NVLink, then a barrier; falls back to NCCL /
+    gloo where the GPUs cannot reach each other), or allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
     heads; fewer, larger transfers, no return trip), or copy_engine (``xdit::a2a_start`` / ``a2a_wait``: q, k, v
     and the output are copied by the GPUs' copy engines straight into the peers' buffers, in the layouts SDPA
     and the out projection read, while independent compute runs (the schedule_transfers pass places it);
