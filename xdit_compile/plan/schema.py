@@ -184,19 +184,19 @@ class CompileConfig:
     attention it was not faster (4 x H200, FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step); the double blocks
     only are not measured yet."""
     all_to_all: str = "auto"
-    """Decomposed Ulysses only: how its all-to-alls move data. auto (default): copy_engine with lowering =
-    "inductor" on CUDA when Ulysses spans the whole job on one host's GPUs (the plans measured with it), else
-    nccl. nccl (``_c10d_functional.all_to_all_single``) or symm_mem (``xdit::symm_all_to_all``: one Triton
-    kernel stores into the peers' symmetric-memory buffers over NVLink, then a barrier; falls back to NCCL /
-    gloo where the GPUs cannot reach each other), or allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own queries on all
-    heads; fewer, larger transfers, no return trip), or copy_engine (``xdit::a2a_start`` / ``a2a_wait``: q, k, v
-    and the output are copied by the GPUs' copy engines straight into the peers' buffers, in the layouts SDPA
-    and the out projection read, while independent compute runs (the schedule_transfers pass places it);
-    completion by a barrier kernel with a timeout (``XDIT_CE_SIGNAL=flag``: stream-memop flags, no SM work, no
-    timeout, slower on 4 GPUs); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4
-    on 4 x H100 40.5 ms/step (38.6 with fuse_modulation and fuse_gelu); on 4 x H200 41.3 (flags) against 46.1 with
-    nccl; Wan 480p ulysses 4 on 4 x H200 781.9 ms/step, 816.8 with nccl in an earlier run). Its receive buffers are
-    made before the graph first runs (a rendezvous inside the first run deadlocked against Inductor's per-rank
+    """Decomposed Ulysses only: how its all-to-alls move data. auto (default): copy_engine with lowering = "inductor" on
+    CUDA when Ulysses spans the whole job on one host's GPUs (the plans measured with it), else nccl. nccl
+    (``_c10d_functional.all_to_all_single``) or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into
+    the peers' symmetric-memory buffers over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot
+    reach each other), or allgather_kv (no all-to-all: one all-gather of k and v, then every rank attends its own
+    queries on all heads; fewer, larger transfers, no return trip), or copy_engine (``xdit::a2a_start`` /
+    ``a2a_wait``: q, k, v and the output are copied by the GPUs' copy engines straight into the peers' buffers, in
+    the layouts SDPA and the out projection read, while independent compute runs (the schedule_transfers pass places
+    it); completion by a barrier kernel with a timeout (``XDIT_CE_SIGNAL=flag``: stream-memop flags, no SM work, no
+    timeout, slower on 4 GPUs); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4 on 4
+    x H100 40.5 ms/step (38.6 with fuse_modulation and fuse_gelu); on 4 x H200 41.3 (flags) against 46.1 with nccl;
+    Wan 480p ulysses 4 on 4 x H200 781.9 ms/step, 816.8 with nccl in an earlier run). Its receive buffers are made
+    before the graph first runs (a rendezvous inside the first run deadlocked against Inductor's per-rank
     autotuning)."""
     shard_modulation: bool = True
     """Sequence parallel (ulysses x ring > 1): each rank computes 1/N of the rows of the per-sample modulation
