@@ -46,7 +46,8 @@ class CompileContext:
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
     fuse_gelu: bool = True             # plan.compile.fuse_gelu
-    fuse_report: dict = field(default_factory=dict)         # fuse_gelu: pairs fused
+    fuse_norm_rope: bool = True        # plan.compile.fuse_norm_rope
+    fuse_report: dict = field(default_factory=dict)         # fuse_gelu / fuse_norm_rope: how many fused
     ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
     ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
     symm_buffers: list = field(default_factory=list)        # decompose_ulysses: symm_all_to_all buffers to make first
@@ -146,7 +147,8 @@ class XditCompiler:
                                                         world=self.dims.world_size),
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation,
-                             fuse_gelu=self.plan.compile.fuse_gelu)
+                             fuse_gelu=self.plan.compile.fuse_gelu,
+                             fuse_norm_rope=self.plan.compile.fuse_norm_rope)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

@@ -12,6 +12,7 @@ import torch.fx as fx
 from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .fuse_gelu import fuse_gelu_pass
+from .fuse_norm_rope import fuse_norm_rope_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
 from .schedule_transfers import schedule_transfers_pass
@@ -38,9 +39,12 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         if ctx.cfg_split:
             passes.append(("split_cfg", split_cfg_pass))
         passes.append(("shard_sequence", _shard))
-    if ctx.sp_size > 1 and not ctx.pipefusion:   # with pipefusion, attention becomes its KV-buffer module
-        if getattr(ctx, "shard_modulation", True):
-            passes.append(("shard_modulation", shard_modulation_pass))
+    sp_rewrite = ctx.sp_size > 1 and not ctx.pipefusion   # with pipefusion, attention becomes its KV-buffer module
+    if sp_rewrite and getattr(ctx, "shard_modulation", True):
+        passes.append(("shard_modulation", shard_modulation_pass))
+    if getattr(ctx, "fuse_norm_rope", False):   # after sharding: it runs on this rank's tokens and cos / sin
+        passes.append(("fuse_norm_rope", fuse_norm_rope_pass))
+    if sp_rewrite:
         passes.append(("rewrite_attention", rewrite_attention_pass))
         if ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1:
             passes.append(("decompose_ulysses", decompose_ulysses_pass))
