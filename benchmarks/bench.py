@@ -111,6 +111,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                    "fuse_modulation": True, "fuse_gelu": True},
                 "xdit_cg_ce_fm_nog": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                       "fuse_modulation": True, "fuse_gelu": False},
+                "xdit_cg_ce_fm_nr": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                     "fuse_modulation": True, "fuse_norm_rope": False},
                 "xdit_cg_ce_fc2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                    "fuse_modulation": True, "ulysses_chunks": 2},
                 "xdit_cg_ce_c2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -132,7 +134,7 @@ DIFFUSERS_BACKENDS = ["_native_cudnn", "flash", "_native_flash", "native"]
 SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 90, "xdit_cg": 90,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_fm": 90, "xdit_cg_ce_fq2": 90, "xdit_cg_ce_fq4": 90, "xdit_cg_ce_fc2": 90, "xdit_cg_ce_fmg": 90, "xdit_cg_ce_fm_nog": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 90, "xdit_cg_ag": 90, "xdit_cg_ce": 90, "xdit_cg_ceb": 90, "xdit_cg_cef": 90, "xdit_cg_ce_fm": 90, "xdit_cg_ce_fq2": 90, "xdit_cg_ce_fq4": 90, "xdit_cg_ce_fc2": 90, "xdit_cg_ce_fmg": 90, "xdit_cg_ce_fm_nog": 90, "xdit_cg_ce_fm_nr": 90, "xdit_cg_ce_c2": 90, "xdit_cg_ce_c3": 90, "xdit_cg_ce_c5": 90, "xdit_cg_nomod": 90, "xdit_cg_smnm": 90,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
 T0 = time.time()
@@ -779,6 +781,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                   "GELU epilogue)",
                 "xdit_cg_ce_fm_nog": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                      "no GELU epilogue)",
+                "xdit_cg_ce_fm_nr": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
+                                    "no norm_rope kernel)",
                 "xdit_cg_ce_fc2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                   "2 head chunks)",
                 "xdit_cg_ce_c2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 2 head chunks)",

@@ -202,3 +202,121 @@ def test_linear_gelu_tanh_on_cuda():
     assert fused.shape == pair.shape == (2, 300, 1024)
     err = [((t.float() - ref).norm() / ref.norm()).item() for t in (fused, pair)]
     assert err[0] < 4e-3 and err[0] <= err[1] * 1.1, err
+
+
+def _capture_with_inputs(model, inputs):
+    got = []
+
+    def backend(gm, example_inputs):
+        got.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    return got
+
+
+@pytest.mark.parametrize("name,fused", [("flux", 4), ("wan", 2), ("hunyuanvideo", 0), ("cogvideox", 0)])
+def test_fuse_norm_rope_pass_counts_and_numerics(name, fused):
+    """FLUX (per-head norm, diffusers' apply_rotary_emb; the double block's text + image cat) and Wan (whole-token
+    norm, its own rotary) are fused, q and k of each self-attention; models with another norm or rotary form are
+    left alone. The fused graph computes the same (the torch path of xdit::norm_rope off CUDA)."""
+    from xdit_compile.passes.fuse_norm_rope import fuse_norm_rope_pass
+
+    case = MODELS[name]
+    count = 0
+    for gm, ex in _capture_with_inputs(case.build(), case.inputs()):
+        with torch.no_grad():
+            ref = gm(*ex)
+
+        class Ctx:
+            fuse_report: dict = {}
+
+        ctx = Ctx()
+        if fuse_norm_rope_pass(gm, ctx):
+            gm.graph.lint()
+            gm.recompile()
+        count += ctx.fuse_report["norm_rope"]
+        code = gm.code
+        with torch.no_grad():
+            out = gm(*ex)
+        for a, b in zip(ref, out):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert count == fused
+    if fused:
+        assert "norm_rope" in code
+    if name == "flux":        # every norm of q / k (text and image) went into a fused call
+        assert "rms_norm" not in code
+
+
+def test_norm_rope_reference_matches_diffusers_bf16():
+    """The op's torch path in bf16 against diffusers' own code: FLUX's form with a text + image cat, Wan's form."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from xdit_compile.runtime.norm_rope import norm_rope
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    a = torch.randn(2, 5, 96, dtype=bf)[..., :48].unflatten(-1, (3, 16))       # strided, like a slice of qkv
+    b = torch.randn(2, 7, 3, 16, dtype=bf)
+    wa, wb = torch.randn(16, dtype=bf), torch.randn(16, dtype=bf)
+    cos, sin = torch.randn(12, 16), torch.randn(12, 16)
+    ref = apply_rotary_emb(torch.cat([F.rms_norm(a, (16,), wa, 1e-6), F.rms_norm(b, (16,), wb, 1e-6)], 1),
+                           (cos, sin), sequence_dim=1)
+    out = norm_rope([a, b], [wa, wb], 1e-6, False, cos[:, 0::2], sin[:, 0::2], cos[:, 1::2], sin[:, 1::2])
+    assert torch.equal(out, ref)
+    x, w = torch.randn(2, 5, 48, dtype=bf), torch.randn(48, dtype=bf)
+    fc, fs = torch.randn(1, 5, 1, 16), torch.randn(1, 5, 1, 16)
+    y = F.rms_norm(x, (48,), w, 1e-6).unflatten(2, (3, -1))
+    x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = fc[..., 0::2], fs[..., 1::2]
+    ref = torch.empty_like(y)
+    ref[..., 0::2], ref[..., 1::2] = x1 * c - x2 * s, x1 * s + x2 * c
+    assert torch.equal(norm_rope([x.unflatten(2, (3, -1))], [w], 1e-6, True, c, s, c, s), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a GPU")
+def test_norm_rope_kernel_on_cuda():
+    """The Triton kernel against the op's torch path, bf16: FLUX's double-block form (two inputs, one strided)
+    and Wan's whole-token norm with an odd head count."""
+    from xdit_compile.runtime.norm_rope import _reference, norm_rope
+
+    torch.manual_seed(0)
+    d, bf = "cuda", torch.bfloat16
+    a = torch.randn(2, 37, 3 * 24 * 128, device=d, dtype=bf)[..., :24 * 128].unflatten(-1, (24, 128))
+    b = torch.randn(2, 300, 24, 128, device=d, dtype=bf)
+    wa, wb = torch.randn(128, device=d, dtype=bf), torch.randn(128, device=d, dtype=bf)
+    cos, sin = torch.randn(337, 128, device=d), torch.randn(337, 128, device=d)
+    fr = (cos[:, 0::2], sin[:, 0::2], cos[:, 1::2], sin[:, 1::2])
+    out, ref = norm_rope([a, b], [wa, wb], 1e-6, False, *fr), _reference([a, b], [wa, wb], 1e-6, False, fr)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
+    x, w = torch.randn(1, 99, 40 * 128, device=d, dtype=bf).unflatten(2, (40, -1)), torch.randn(5120, device=d, dtype=bf)
+    fc, fs = torch.randn(1, 99, 1, 128, device=d), torch.randn(1, 99, 1, 128, device=d)
+    fr = (fc[..., 0::2], fs[..., 1::2], fc[..., 0::2], fs[..., 1::2])
+    out, ref = norm_rope([x], [w], 1e-6, True, *fr), _reference([x], [w], 1e-6, True, fr)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
+
+
+def _norm_rope_sp(rank, world):
+    import xdit_compile
+    torch._dynamo.reset()
+    res = {}
+    for name in ("flux", "wan"):
+        m = MODELS[name].build()
+        kw = MODELS[name].inputs()
+        with torch.no_grad():
+            ref = m(**kw)[0]
+            xdit_compile.parallelize(m, {"parallel": {"ulysses": 2}})
+            out = m(**kw)[0]
+        res[name] = ((out - ref).abs().max().item(), m._xdit_compiler.reports[0]["fused"].get("norm_rope"))
+    return res
+
+
+def test_fuse_norm_rope_under_ulysses():
+    """After the sharding passes (reshapes with local sizes, this rank's cos / sin) the pass still matches, and the
+    parallel output matches one process."""
+    for res in run_distributed(_norm_rope_sp, 2):
+        assert res["flux"][1] == 4 and res["wan"][1] == 2, res
+        assert res["flux"][0] < 1e-5 and res["wan"][0] < 1e-5, res

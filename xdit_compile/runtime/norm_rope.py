@@ -38,34 +38,33 @@ if triton is not None:
         b = tok // S
         s = tok % S
         h = tl.arange(0, HB)
-        p = tl.arange(0, P)
+        d = tl.arange(0, 2 * P)
         hm = (h < H)[:, None]
-        x_base = x_ptr + b.to(tl.int64) * sxb + s.to(tl.int64) * sxs
-        offs = h[:, None] * sxh + 2 * p[None, :]
-        xe = tl.load(x_base + offs, mask=hm, other=0.0).to(tl.float32)
-        xo = tl.load(x_base + offs + 1, mask=hm, other=0.0).to(tl.float32)
-        ss = xe * xe + xo * xo
+        # the token's [H, D] tile in one contiguous-per-head load, split into the pairs' halves in registers
+        x = tl.load(x_ptr + b.to(tl.int64) * sxb + s.to(tl.int64) * sxs + h[:, None] * sxh + d[None, :],
+                    mask=hm, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x, (HB, P, 2)))
         if NORM_ALL:
-            r = tl.rsqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / (H * 2 * P) + eps)
-            we = tl.load(w_ptr + h[:, None] * (2 * P) + 2 * p[None, :], mask=hm, other=0.0).to(tl.float32)
-            wo = tl.load(w_ptr + h[:, None] * (2 * P) + 2 * p[None, :] + 1, mask=hm, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / (H * 2 * P) + eps)
+            w = tl.load(w_ptr + h[:, None] * (2 * P) + d[None, :], mask=hm, other=0.0).to(tl.float32)
+            we, wo = tl.split(tl.reshape(w, (HB, P, 2)))
         else:
-            r = tl.rsqrt(tl.sum(ss, axis=1) / (2 * P) + eps)[:, None]
-            we = tl.load(w_ptr + 2 * p).to(tl.float32)[None, :]
-            wo = tl.load(w_ptr + 2 * p + 1).to(tl.float32)[None, :]
-        ye = (xe * r * we).to(out_ptr.dtype.element_ty).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, axis=1) / (2 * P) + eps)[:, None]
+            w = tl.load(w_ptr + d).to(tl.float32)
+            we, wo = tl.split(tl.reshape(w, (P, 2)))
+            we = we[None, :]
+            wo = wo[None, :]
+        ye = (xe * r * we).to(out_ptr.dtype.element_ty).to(tl.float32)   # rms_norm's output, rounded
         yo = (xo * r * wo).to(out_ptr.dtype.element_ty).to(tl.float32)
+        p = tl.arange(0, P)
         f = b.to(tl.int64) * sfb + s.to(tl.int64) * sfs + p * sfp
         ce = tl.load(ce_ptr + f).to(tl.float32)[None, :]
         se = tl.load(se_ptr + f).to(tl.float32)[None, :]
         co = tl.load(co_ptr + f).to(tl.float32)[None, :]
         so = tl.load(so_ptr + f).to(tl.float32)[None, :]
-        oe = ye * ce - yo * se
-        oo = yo * co + ye * so
+        o = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (HB, 2 * P))
         o_base = out_ptr + (b.to(tl.int64) * S_OUT + S_OFF + s) * (H * 2 * P)
-        o_offs = h[:, None] * (2 * P) + 2 * p[None, :]
-        tl.store(o_base + o_offs, oe.to(out_ptr.dtype.element_ty), mask=hm)
-        tl.store(o_base + o_offs + 1, oo.to(out_ptr.dtype.element_ty), mask=hm)
+        tl.store(o_base + h[:, None] * (2 * P) + d[None, :], o.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def _freq_view(f: Tensor, B: int, S: int, P: int) -> Tensor:

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Chosen rows on a 4-GPU machine in one device call (< 10 minutes), each model against its 1-GPU eager output
+# made in the same call. The 1-GPU references run side by side on GPUs 1-3 (at most 3 models per call) while
+# GPU 0 runs the norm_rope microbenchmark (MICRO=1); then the 4-GPU rows, one job after another.
+#   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
+# A job is model:methods:degrees (bench.py --models / --methods / --degs). CALLS=K: K forwards per timing.
+# Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
+set -u
+[ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $OUT
+nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
+B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
+LIMIT=${LIMIT:-570}
+left() { echo $((LIMIT - SECONDS)); }
+if [ -n "${MICRO:-}" ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/norm_rope.py --md $OUT/norm_rope.md > $OUT/norm_rope.log 2>&1 &
+fi
+i=1; started=" "
+for job in "$@"; do
+  model=${job%%:*}
+  [ -f $R/n4/ref/$model.pt ] && continue
+  case "$started" in *" $model "*) continue ;; esac
+  started="$started$model "
+  $B --ns 1 --models $model --methods eager --gpu-offset $i --out $R/n1_$model --budget-s 300 \
+    > $OUT/n1_$model.log 2>&1 &
+  i=$((i % 3 + 1))
+done
+wait
+cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null
+for job in "$@"; do
+  IFS=: read model meths degs <<< "$job"
+  [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
+  $B --ns 4 --models $model --methods $meths --degs $degs --out $R/n4 --budget-s $(left) >> $OUT/n4.log 2>&1
+done
+python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $R/n1_* --md $OUT/bench.md --png $OUT/scaling.png \
+  > $OUT/merge.log 2>&1
+tar czf $OUT/raw.tgz -C $R --exclude=.seeded .
+cat $OUT/norm_rope.md 2>/dev/null; tail -3 $OUT/n4.log; grep -v "^$" $OUT/bench.md | head -60
