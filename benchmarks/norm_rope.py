@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,7 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import xdit_compile.runtime.norm_rope  # noqa: F401  (registers xdit::norm_rope)
     dev = "cuda"
     rows = []

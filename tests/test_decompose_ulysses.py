@@ -320,9 +320,26 @@ def _run_case(case: dict) -> dict:
         ref = model(**inputs)[0]
     plan = xc.Plan.from_dict({"parallel": {"ulysses": 2}, "compile": {"lowering": "inductor", **case["compile"]}})
     xc.parallelize(model, plan)
+    from torch._inductor import config as inductor_config
+    from torch._inductor import ir
+    from torch._inductor.graph import GraphLowering
     from torch._inductor.utils import run_and_get_code
-    with torch.no_grad():
-        out, codes = run_and_get_code(lambda: model(**inputs)[0])
+    wait, reusable = torch.ops.xdit.a2a_wait.default, []   # a2a_wait outputs Inductor may hand to another buffer
+
+    def codegen(self, *a, **k):
+        for b in self.buffers:
+            k_ = b.inputs[0] if isinstance(b, ir.MultiOutput) and b.inputs else b
+            if getattr(k_, "op_overload", None) is wait and b.get_name() not in self.never_reuse_buffers:
+                reusable.append(b.get_name())
+        return orig(self, *a, **k)
+
+    orig = GraphLowering.codegen
+    GraphLowering.codegen = codegen
+    try:
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
+            out, codes = run_and_get_code(lambda: model(**inputs)[0])
+    finally:
+        GraphLowering.codegen = orig
     reports = model._xdit_compiler.reports
     targets = [str(n.target) for r in reports for n in r["graph"].graph.nodes if n.op == "call_function"]
     attention = [a for r in reports for a in r["attention"]]
@@ -359,6 +376,7 @@ def _run_case(case: dict) -> dict:
         # copy-engine buffers made during the run that the backend did not make before it (should be none)
         "ce_late": sorted(map(str, set(ce_a2a._BUFS) - bufs_before - {k for r in reports for k in r["ce_reserved"]})),
         "ce_reserved": sum(len(r["ce_reserved"]) for r in reports),
+        "wait_reusable": reusable,
         "n_gelu_fused": sum(t.endswith("linear_gelu_tanh") or "linear_gelu_tanh " in t for t in targets),
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
@@ -436,6 +454,8 @@ def test_copy_engine_matches(key):
             assert att[0] < sent[0] < att[1] < sent[1], f"rank {rank}: {o}"
             assert parted == 1 and n_att == 2, f"rank {rank}: {r['explain']}"
         assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
+        # a2a_wait returns a view of a receive buffer peers write into: Inductor must never reuse its memory
+        assert r["wait_reusable"] == [], f"rank {rank}: {r['wait_reusable']}"
 
 
 @pytest.mark.parametrize("which", ["order", "code_order"])

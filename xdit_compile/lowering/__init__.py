@@ -16,6 +16,37 @@ def _a2a_start():
     return torch.ops.xdit.a2a_start.default
 
 
+def _register_wait_lowering():
+    """xdit.a2a_wait returns a view of a persistent receive buffer. To Inductor it is an ordinary fallback output,
+    so once its last reader ran Inductor may hand the same memory to a later buffer of the same size (``bufN =
+    bufM; del bufM  # reuse``): the next block's v projection then lands in a receive buffer that peers write
+    into (FLUX 2048² on 4 x H100, where v's projection and a receive buffer are both 4224 x 3072). Its outputs
+    are marked never-reuse instead."""
+    import torch
+    from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+    from torch._inductor.virtualized import V
+
+    op = torch.ops.xdit.a2a_wait.default
+    if getattr(lowerings.get(op), "_xdit_never_reuse", False):
+        return
+    fallback = fallback_handler(op, add_to_fallback_set=False)
+
+    def wait_lowering(*args, **kwargs):
+        out = fallback(*args, **kwargs)
+        x = out
+        while not isinstance(x, ir.Buffer) and hasattr(x, "data"):
+            x = x.data
+        names = {x.get_name()} if isinstance(x, ir.Buffer) else set()
+        if isinstance(x, ir.MultiOutput):
+            names |= {i.get_name() for i in x.inputs if isinstance(i, ir.Buffer)}
+        V.graph.never_reuse_buffers.update(names)
+        return out
+
+    wait_lowering._xdit_never_reuse = True
+    register_lowering(op, type_promotion_kind=None)(wait_lowering)
+
+
 def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: bool = False):
     if lowering == "eager":
         return gm.forward
@@ -24,6 +55,7 @@ def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: 
         # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
         patches = {"triton.cudagraphs": True} if cudagraphs else {}
         if any(n.target is _a2a_start() for n in gm.graph.nodes):
+            _register_wait_lowering()
             # schedule_transfers ordered the graph around the copy-engine transfers; keep that order. Inductor's
             # post-grad reorder_for_locality would move each start right before its wait (a start's only user)
             # and so serialise every transfer; reorder_for_peak_memory would move waits up. StartChoices keeps

@@ -30,4 +30,4 @@ class StartChoices(InductorChoices):
         return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
 
     def uuid(self) -> str:      # what keys the FX graph cache (config.inductor_choices_class)
-        return "xdit-no-horizontal-fusion-into-a2a_start-1"
+        return "xdit-no-horizontal-fusion-into-a2a_start-2"   # -2: a2a_wait outputs never reused
