@@ -63,16 +63,22 @@ def cases(dev):
     return out
 
 
-def time_us(fn, args, iters=200):
-    for _ in range(5):
+def time_us(fn, args, iters=50):
+    """GPU time per call: iters calls captured in one CUDA graph, replayed (no launch or Python overhead)."""
+    for _ in range(3):
         fn(*args)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn(*args)
+    g.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
-    for _ in range(5):
+    for _ in range(7):
         a.record()
-        for _ in range(iters):
-            fn(*args)
+        g.replay()
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) * 1000 / iters)
@@ -107,7 +113,7 @@ def main():
         torch._dynamo.reset()
     lines = [f"# RMSNorm + RoPE of q, one rank's shapes under ulysses 4 ({torch.cuda.get_device_name()}, "
              f"torch {torch.__version__})", "",
-             "`python3 benchmarks/norm_rope.py`. us per call (median of 5 x 200 calls); GB/s counts one bf16 read "
+             "`python3 benchmarks/norm_rope.py`. us per call: 50 calls in one CUDA graph, median of 7 replays; GB/s counts one bf16 read "
              "and one write of q; rel err and the share of elements that differ are against diffusers' eager code.",
              "", "| case | variant | us | GB/s | rel err | elements differing |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['variant']} | {r['us']} | {r['gbs']} | {r['rel_err']:.1e} | {r['mismatch']:.1%} |"
