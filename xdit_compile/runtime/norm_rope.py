@@ -9,8 +9,8 @@ Legend: B batch, S tokens (this rank's), H heads, D head dim, P = D / 2 rotation
 Wan: cos[2i], sin[2i+1], cos[2i], sin[2i+1]). Several inputs (FLUX's double blocks: text then image) are
 normalised with their own weights and written one after another along S, which is their ``torch.cat``.
 
-Inductor fuses the same graph into one reduction kernel that runs at 0.9-1.3 TB/s on an H100; here one program
-owns one token's [H, D] tile: one load, the reduction in registers, one store, at 2.2-2.4 TB/s (one rank's FLUX
+Inductor fuses the same graph into one reduction kernel that runs at 0.8-1.3 TB/s on an H100; here one program
+owns one token's [H, D] tile: one load, the reduction in registers, one store, at 2.0-2.7 TB/s (one rank's FLUX
 2048² q under ulysses 4: 40.3 -> 21.4 us; Wan 480p: 150.7 -> 75.6 us; benchmarks/results/session13/norm_rope.md).
 
 Rounding follows eager: y is rounded to x's dtype after the weight (``rms_norm``'s output), the rotation is
