@@ -217,11 +217,12 @@ def _capture_with_inputs(model, inputs):
     return got
 
 
-@pytest.mark.parametrize("name,fused", [("flux", 4), ("wan", 2), ("hunyuanvideo", 0), ("cogvideox", 0)])
+@pytest.mark.parametrize("name,fused", [("flux", 4), ("wan", 2), ("hunyuanvideo", 2), ("cogvideox", 0)])
 def test_fuse_norm_rope_pass_counts_and_numerics(name, fused):
-    """FLUX (per-head norm, diffusers' apply_rotary_emb; the double block's text + image cat) and Wan (whole-token
-    norm, its own rotary) are fused, q and k of each self-attention; models with another norm or rotary form are
-    left alone. The fused graph computes the same (the torch path of xdit::norm_rope off CUDA)."""
+    """FLUX (per-head norm, diffusers' apply_rotary_emb; the double block's text + image cat), Wan (whole-token
+    norm, its own rotary) and HunyuanVideo's dual-stream block (diffusers' own RMSNorm; its single-stream block
+    rotates a slice of q and is left alone) are fused, q and k of each; models with another norm or rotary form
+    (CogVideoX: LayerNorm) are left alone. The fused graph computes the same (the op's torch path off CUDA)."""
     from xdit_compile.passes.fuse_norm_rope import fuse_norm_rope_pass
 
     case = MODELS[name]
@@ -275,6 +276,14 @@ def test_norm_rope_reference_matches_diffusers_bf16():
     ref = torch.empty_like(y)
     ref[..., 0::2], ref[..., 1::2] = x1 * c - x2 * s, x1 * s + x2 * c
     assert torch.equal(norm_rope([x.unflatten(2, (3, -1))], [w], 1e-6, True, c, s, c, s), ref)
+    # diffusers' own RMSNorm (HunyuanVideo) rounds before the weight: round_first
+    from diffusers.models.normalization import RMSNorm
+    norm = RMSNorm(16, eps=1e-6).to(bf)
+    with torch.no_grad():
+        norm.weight.copy_(wb)
+        ref = apply_rotary_emb(norm(b), (cos[5:], sin[5:]), sequence_dim=1)
+    out = norm_rope([b], [wb], 1e-6, False, cos[5:, 0::2], sin[5:, 0::2], cos[5:, 1::2], sin[5:, 1::2], True)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a GPU")
@@ -290,8 +299,10 @@ def test_norm_rope_kernel_on_cuda():
     wa, wb = torch.randn(128, device=d, dtype=bf), torch.randn(128, device=d, dtype=bf)
     cos, sin = torch.randn(337, 128, device=d), torch.randn(337, 128, device=d)
     fr = (cos[:, 0::2], sin[:, 0::2], cos[:, 1::2], sin[:, 1::2])
-    out, ref = norm_rope([a, b], [wa, wb], 1e-6, False, *fr), _reference([a, b], [wa, wb], 1e-6, False, fr)
-    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
+    for round_first in (False, True):
+        out = norm_rope([a, b], [wa, wb], 1e-6, False, *fr, round_first)
+        ref = _reference([a, b], [wa, wb], 1e-6, False, fr, round_first)
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
     x, w = torch.randn(1, 99, 40 * 128, device=d, dtype=bf).unflatten(2, (40, -1)), torch.randn(5120, device=d, dtype=bf)
     fc, fs = torch.randn(1, 99, 1, 128, device=d), torch.randn(1, 99, 1, 128, device=d)
     fr = (fc[..., 0::2], fs[..., 1::2], fc[..., 0::2], fs[..., 1::2])
@@ -303,7 +314,7 @@ def _norm_rope_sp(rank, world):
     import xdit_compile
     torch._dynamo.reset()
     res = {}
-    for name in ("flux", "wan"):
+    for name in ("flux", "wan", "hunyuanvideo"):
         m = MODELS[name].build()
         kw = MODELS[name].inputs()
         with torch.no_grad():
@@ -318,5 +329,5 @@ def test_fuse_norm_rope_under_ulysses():
     """After the sharding passes (reshapes with local sizes, this rank's cos / sin) the pass still matches, and the
     parallel output matches one process."""
     for res in run_distributed(_norm_rope_sp, 2):
-        assert res["flux"][1] == 4 and res["wan"][1] == 2, res
-        assert res["flux"][0] < 1e-5 and res["wan"][0] < 1e-5, res
+        assert res["flux"][1] == 4 and res["wan"][1] == 2 and res["hunyuanvideo"][1] == 2, res
+        assert max(r[0] for r in res.values()) < 1e-5, res

@@ -7,12 +7,14 @@ tensors broadcast over the heads.
         X   = rms_norm(x, (D,), w)        or  cat([rms_norm(x_txt, (D,), w_txt), rms_norm(x_img, (D,), w_img)], 1)
         re, im = reshape(X, ..., -1, 2).unbind(-1) ;  R = stack([-im, re], -1).flatten(3)
         out = (X.float() * cos + R.float() * sin).to(X.dtype)
+    (HunyuanVideo's dual-stream blocks: the same rotary after diffusers' own RMSNorm, x * rsqrt(mean(x²) + eps),
+    rounded to the weight's dtype before the weight: round_first)
     before (Wan: the processor's own rotary, norm over the whole token):
         X   = unflatten(rms_norm(x, (H * D,), w), 2, (H, -1))
         x1, x2 = unflatten(X, -1, (-1, 2)).unbind(-1) ;  out = empty_like(X)
         out[..., 0::2] = x1 * c - x2 * s ;  out[..., 1::2] = x1 * s + x2 * c ;  out = out.type_as(X)
     after:
-        out = xdit::norm_rope([x, ...], [w, ...], eps, norm_all, ce, se, co, so)   (runtime/norm_rope.py)
+        out = xdit::norm_rope([x, ...], [w, ...], eps, norm_all, ce, se, co, so, round_first)   (runtime/norm_rope.py)
 
 The match is structural (these ops, this wiring, shapes from the fake ``example_value``s) and every node it
 replaces must have no user outside it; anything else is left alone. On CUDA the op is one Triton kernel that
@@ -181,26 +183,58 @@ def _half_ok(f, xv) -> bool:
     return s[3] * 2 == xv.shape[3] and s[2] == 1 and s[1] in (1, xv.shape[1]) and s[0] in (1, xv.shape[0])
 
 
+def _manual_rms(n, width):
+    """diffusers' own RMSNorm: x * rsqrt(x.to(float32).pow(2).mean(-1, keepdim=True) + eps) [.to(w.dtype)] * w
+    -> (x, w, eps, round_first, [its nodes]) or None. round_first: rounded to w's dtype before the weight."""
+    if not _is(n, "function", _MUL) or len(n.args) != 2:
+        return None
+    for a, w in (n.args, n.args[::-1]):
+        wv = _val(w)
+        if not (isinstance(w, fx.Node) and w.op in ("get_attr", "placeholder") and wv is not None
+                and tuple(wv.shape) == (width,)):
+            continue
+        nodes, round_first = [n], False
+        if _is(a, "method", {"to"}) and len(a.args) == 2 and isinstance(a.args[1], torch.dtype):
+            nodes.append(a)
+            a, round_first = a.args[0], True
+        if not _is(a, "function", _MUL) or len(a.args) != 2:
+            continue
+        for x, r in (a.args, a.args[::-1]):
+            if not (_is(r, "function", {torch.rsqrt}) and _is(r.args[0], "function", _ADD)):
+                continue
+            var, eps = r.args[0].args
+            if isinstance(var, fx.Node) and not isinstance(eps, fx.Node) and _is(var, "method", {"mean"}) \
+                    and _arg(var, 1, "dim") in (-1, [-1], (-1,)) and var.kwargs.get("keepdim") \
+                    and _is(var.args[0], "method", {"pow"}) and var.args[0].args[1] == 2 \
+                    and _upcast_src(var.args[0].args[0]) is x and x is not var.args[0].args[0]:
+                return x, w, float(eps), round_first, [*nodes, a, r, r.args[0], var, var.args[0],
+                                                       var.args[0].args[0]]
+    return None
+
+
 def _norm_of(x):
-    """X's RMSNorm: ([inputs], [weights], eps, norm_all, [nodes replaced]) or None."""
+    """X's RMSNorm: ([inputs], [weights], eps, norm_all, round_first, [nodes replaced]) or None."""
     def rms(n, width):
+        if (m := _manual_rms(n, width)) is not None:       # HunyuanVideo
+            return m
         if not _is(n, "function", _RMS):
             return None
         shape, w, eps = _arg(n, 1, "normalized_shape"), _arg(n, 2, "weight"), _arg(n, 3, "eps")
         if not isinstance(w, fx.Node) or eps is None or tuple(shape) != (width,):
             return None
-        return n.args[0], w, eps
+        return n.args[0], w, eps, False, [n]
     xv = _val(x)
     H, D = xv.shape[2], xv.shape[3]
     if (r := rms(x, D)) is not None:                                          # FLUX single block
-        return [r[0]], [r[1]], r[2], False, [x]
+        return [r[0]], [r[1]], r[2], False, r[3], r[4]
     if _is(x, "function", {torch.cat}) and _arg(x, 1, "dim", 0) in (1, -3):    # FLUX double block: cat along S
         rs = [rms(p, D) for p in x.args[0]]
-        if rs and all(r is not None for r in rs) and len({r[2] for r in rs}) == 1:
-            return [r[0] for r in rs], [r[1] for r in rs], rs[0][2], False, [x, *x.args[0]]
+        if rs and all(r is not None for r in rs) and len({(r[2], r[3]) for r in rs}) == 1:
+            return [r[0] for r in rs], [r[1] for r in rs], rs[0][2], False, rs[0][3], [x, *(n for r in rs
+                                                                                             for n in r[4])]
     if _is(x, "method", {"unflatten", "reshape", "view"}) and (r := rms(x.args[0], H * D)) is not None \
             and tuple(_val(x.args[0]).shape) == (*xv.shape[:2], H * D):     # Wan: norm over the token, then heads
-        return [("unflatten", r[0], H, D)], [r[1]], r[2], True, [x, x.args[0]]
+        return [("unflatten", r[0], H, D)], [r[1]], r[2], True, r[3], [x, *r[4]]
     return None
 
 
@@ -236,7 +270,11 @@ def fuse_norm_rope_pass(gm: fx.GraphModule, ctx) -> bool:
         norm = _norm_of(x) if xv is not None and xv.dim() == 4 else None
         if norm is None or lv is None or lv.dtype != xv.dtype:
             continue
-        xs, ws, eps, norm_all, norm_nodes = norm
+        xs, ws, eps, norm_all, round_first, norm_nodes = norm
+        # the op computes in x's dtype: inputs, weights and the result all of one dtype (no promotion to mimic)
+        vals = [_val(a[1] if isinstance(a, tuple) else a) for a in xs] + [_val(w) for w in ws]
+        if any(v is None or v.dtype != xv.dtype for v in vals):
+            continue
         pos = {n: i for i, n in enumerate(g.nodes)}
         chain, desc = _chain(x, [last, *extra], pos)
         chain |= set(norm_nodes)
@@ -255,7 +293,7 @@ def fuse_norm_rope_pass(gm: fx.GraphModule, ctx) -> bool:
             else:
                 fr = list(freqs)
             fused = g.call_function(torch.ops.xdit.norm_rope.default,
-                                    (args_x, list(ws), float(eps), bool(norm_all), *fr))
+                                    (args_x, list(ws), float(eps), bool(norm_all), *fr, bool(round_first)))
         fused.meta = {k: v for k, v in last.meta.items() if k in ("example_value", "val", "stack_trace",
                                                                    "nn_module_stack")}
         last.replace_all_uses_with(fused)

@@ -217,10 +217,10 @@ class CompileConfig:
     Elsewhere (CPU, float32) the same pair, unfused."""
     fuse_norm_rope: bool = True
     """RMSNorm of q / k followed by an interleaved rotary embedding (FLUX's per-head norm and diffusers'
-    apply_rotary_emb; Wan's whole-token norm and its own rotary) runs as one ``xdit::norm_rope`` call: on CUDA one
-    Triton kernel that reads q once and writes it once (one H100: FLUX 2048² single-block q at ulysses 4 40.3 -> 21.4
-    us; the step on 4 x H100 190.6 -> 186.7 ms, 1024² 39.5 -> 38.5). Rounds where eager rounds. Elsewhere the same
-    math in torch ops."""
+    apply_rotary_emb; HunyuanVideo's dual-stream blocks; Wan's whole-token norm and its own rotary) runs as one
+    ``xdit::norm_rope`` call: on CUDA one Triton kernel that reads q once and writes it once (one H100: FLUX 2048²
+    single-block q at ulysses 4 40.3 -> 21.4 us; the step on 4 x H100 190.6 -> 186.7 ms, 1024² 39.5 -> 38.5).
+    Rounds where eager rounds. Elsewhere the same math in torch ops."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""

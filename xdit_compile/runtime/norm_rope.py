@@ -33,7 +33,7 @@ if triton is not None:
     def _norm_rope_kernel(x_ptr, w_ptr, ce_ptr, se_ptr, co_ptr, so_ptr, out_ptr,
                           S, H, S_OUT, S_OFF,
                           sxb, sxs, sxh, sfb, sfs, sfp, eps,
-                          HB: tl.constexpr, P: tl.constexpr, NORM_ALL: tl.constexpr):
+                          HB: tl.constexpr, P: tl.constexpr, NORM_ALL: tl.constexpr, ROUND_FIRST: tl.constexpr):
         tok = tl.program_id(0)
         b = tok // S
         s = tok % S
@@ -54,8 +54,14 @@ if triton is not None:
             we, wo = tl.split(tl.reshape(w, (P, 2)))
             we = we[None, :]
             wo = wo[None, :]
-        ye = (xe * r * we).to(out_ptr.dtype.element_ty).to(tl.float32)   # rms_norm's output, rounded
-        yo = (xo * r * wo).to(out_ptr.dtype.element_ty).to(tl.float32)
+        if ROUND_FIRST:           # diffusers' own RMSNorm rounds x * r before the weight
+            xe = (xe * r).to(out_ptr.dtype.element_ty).to(tl.float32)
+            xo = (xo * r).to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            xe = xe * r
+            xo = xo * r
+        ye = (xe * we).to(out_ptr.dtype.element_ty).to(tl.float32)   # the norm's output, rounded
+        yo = (xo * wo).to(out_ptr.dtype.element_ty).to(tl.float32)
         p = tl.arange(0, P)
         f = b.to(tl.int64) * sfb + s.to(tl.int64) * sfs + p * sfp
         ce = tl.load(ce_ptr + f).to(tl.float32)[None, :]
@@ -75,12 +81,16 @@ def _freq_view(f: Tensor, B: int, S: int, P: int) -> Tensor:
     return f.expand(B, S, P)
 
 
-def _reference(xs, ws, eps, norm_all, freqs):
+def _reference(xs, ws, eps, norm_all, freqs, round_first=False):
     ys = []
     for x, w in zip(xs, ws):
         shape = x.shape
         xf = x.flatten(2) if norm_all else x
-        y = torch.nn.functional.rms_norm(xf, (xf.shape[-1],), w, eps).view(shape)
+        if round_first:
+            y = xf * torch.rsqrt(xf.float().pow(2).mean(-1, keepdim=True) + eps)
+            y = (y.to(w.dtype) * w).to(x.dtype).view(shape)
+        else:
+            y = torch.nn.functional.rms_norm(xf, (xf.shape[-1],), w, eps).view(shape)
         ys.append(y)
     y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
     B, S, H, D = y.shape
@@ -91,13 +101,14 @@ def _reference(xs, ws, eps, norm_all, freqs):
 
 @torch.library.custom_op("xdit::norm_rope", mutates_args=())
 def norm_rope(xs: list[Tensor], weights: list[Tensor], eps: float, norm_all: bool,
-              ce: Tensor, se: Tensor, co: Tensor, so: Tensor) -> Tensor:
+              ce: Tensor, se: Tensor, co: Tensor, so: Tensor, round_first: bool = False) -> Tensor:
     """xs: [B, S_i, H, D] each (any strides with a unit last stride); weights: [D] (per head) or [H * D]
-    (norm_all); ce .. so: broadcastable to [B, sum S_i, P]. Returns the contiguous [B, sum S_i, H, D]."""
+    (norm_all); ce .. so: broadcastable to [B, sum S_i, P]; round_first: round x * rsqrt(...) to the weight's
+    dtype before the weight (diffusers' own RMSNorm). Returns the contiguous [B, sum S_i, H, D]."""
     freqs = (ce, se, co, so)
     x0 = xs[0]
     if triton is None or not x0.is_cuda or any(x.stride(-1) != 1 for x in xs):
-        return _reference(xs, weights, eps, norm_all, freqs)
+        return _reference(xs, weights, eps, norm_all, freqs, round_first)
     B, _, H, D = x0.shape
     S_out = sum(x.shape[1] for x in xs)
     out = torch.empty((B, S_out, H, D), device=x0.device, dtype=x0.dtype)
@@ -115,12 +126,13 @@ def norm_rope(xs: list[Tensor], weights: list[Tensor], eps: float, norm_all: boo
             fp = [f[:, off:off + S] for f in fv]
             _norm_rope_kernel[(B * S,)](x, w, *fp, out, S, H, S_out, off,
                                         x.stride(0), x.stride(1), x.stride(2), sfb, sfs, sfp, eps,
-                                        HB=HB, P=D // 2, NORM_ALL=norm_all, num_warps=nw)
+                                        HB=HB, P=D // 2, NORM_ALL=norm_all, ROUND_FIRST=round_first,
+                                        num_warps=nw)
         off += S
     return out
 
 
 @norm_rope.register_fake
-def _(xs, weights, eps, norm_all, ce, se, co, so):
+def _(xs, weights, eps, norm_all, ce, se, co, so, round_first=False):
     B, _, H, D = xs[0].shape
     return xs[0].new_empty((B, sum(x.shape[1] for x in xs), H, D))
