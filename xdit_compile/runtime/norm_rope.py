@@ -13,8 +13,11 @@ Inductor fuses the same graph into one reduction kernel that runs at 0.8-1.3 TB/
 owns one token's [H, D] tile: one load, the reduction in registers, one store, at 2.0-2.7 TB/s (one rank's FLUX
 2048² q under ulysses 4: 40.3 -> 21.4 us; Wan 480p: 150.7 -> 75.6 us; benchmarks/results/session13/norm_rope.md).
 
-Rounding follows eager: y is rounded to x's dtype after the weight (``rms_norm``'s output), the rotation is
-computed in float32 and rounded once. Without Triton or off CUDA it is the same math in torch ops.
+Rounding follows eager: y is rounded to x's dtype after the weight (``rms_norm``'s output; with round_first also
+before it, as diffusers' own RMSNorm does), the rotation is computed in float32 and rounded once. One exception:
+Wan's rotary has no ``.float()``, so with cos / sin in bf16 (a model cast with ``.to(bf16)``) eager rotates in
+bf16 and this op, in float32, differs from it by about one bf16 rounding. Without Triton or off CUDA it is the
+same math in torch ops.
 """
 from __future__ import annotations
 
