@@ -137,7 +137,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
          "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
-EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 2.5, "sd3cfg": 0.5}
+EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
 
 # ----------------------------------------------------------------------------------------- model configs
