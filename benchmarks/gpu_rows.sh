@@ -3,13 +3,15 @@
 # made in the same call. The 1-GPU references run side by side on GPUs 1-3 (at most 3 models per call) while
 # GPU 0 runs the norm_rope microbenchmark (MICRO=1); then the 4-GPU rows, one job after another.
 #   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
-# A job is model:methods:degrees (bench.py --models / --methods / --degs). CALLS=K: K forwards per timing.
+#   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
+# A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default 4, the first N).
+# CALLS=K: K forwards per timing.
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
 [ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $OUT
+OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $R/n2/ref $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
 B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
 LIMIT=${LIMIT:-570}
@@ -28,13 +30,16 @@ for job in "$@"; do
   i=$((i % 3 + 1))
 done
 wait
-cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null
+cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null; cp $R/n1_*/ref/*.pt $R/n2/ref/ 2>/dev/null
 for job in "$@"; do
-  IFS=: read model meths degs <<< "$job"
+  IFS=: read model meths degs n <<< "$job"
+  n=${n:-4}
+  case $n in 2|4) ;; *) echo "gpu_rows.sh: job $job: N must be 2 or 4" >&2; exit 2 ;; esac
   [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
-  $B --ns 4 --models $model --methods $meths --degs $degs --out $R/n4 --budget-s $(left) >> $OUT/n4.log 2>&1
+  $B --ns $n --models $model --methods $meths --degs $degs --out $R/n$n --budget-s $(left) >> $OUT/n$n.log 2>&1
 done
-python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $R/n1_* --md $OUT/bench.md --png $OUT/scaling.png \
+extra=$(ls -d $R/n1_* 2>/dev/null); [ -f $R/n2/rows.jsonl ] && extra="$extra $R/n2"
+python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $extra --md $OUT/bench.md --png $OUT/scaling.png \
   > $OUT/merge.log 2>&1
 tar czf $OUT/raw.tgz -C $R --exclude=.seeded .
-cat $OUT/norm_rope.md 2>/dev/null; tail -3 $OUT/n4.log; grep -v "^$" $OUT/bench.md | head -60
+cat $OUT/norm_rope.md 2>/dev/null; tail -n 3 $OUT/n[24].log 2>/dev/null; grep -v "^$" $OUT/bench.md | head -60
