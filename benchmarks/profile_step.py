@@ -57,6 +57,9 @@ def main():
                     "a path with {rank} makes every rank write its own")
     ap.add_argument("--ops", action="store_true", help="add the CPU ops that launched the most GPU time "
                     "(with input shapes; meaningful without --cudagraphs, where kernels keep their launcher)")
+    ap.add_argument("--skew", action="store_true", help="every rank's compute kernels, matched by position, and "
+                    "each GPU's SM clock and power (nvidia-smi) while profiling: how much of a step is one rank "
+                    "waiting for a slower one")
     ap.add_argument("--dump-after", type=float, default=0, help="print every thread's Python stack after this many "
                     "seconds (where a stuck run waits)")
     args = ap.parse_args()
@@ -118,12 +121,14 @@ def main():
         loop_ms = (time.perf_counter() - t) / 5 * 1e3
         dist.barrier()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        smi = start_smi() if args.skew and rank == 0 and device.type == "cuda" else None
         with profile(activities=acts, record_shapes=args.ops) as prof:
             t = time.perf_counter()
             for _ in range(args.steps):
                 m(**inputs)
             sync()
             wall = (time.perf_counter() - t) / args.steps * 1e3
+    skew_lines = skew(prof, device, args.steps, smi) if args.skew else []
     if args.trace and "{rank}" in args.trace:
         prof.export_chrome_trace(args.trace.format(rank=rank))
     if rank == 0:
@@ -149,7 +154,7 @@ def main():
         lines.append(f"| idle (GPU waits) | {max(wall - busy, 0):.1f} | {max(wall - busy, 0) / wall:.0%} |")
         lines += ["", f"CPU time of one call (no sync, median of 5): {sorted(cpu_ms)[2]:.1f} ms; "
                   f"5 calls back to back: {loop_ms:.1f} ms/call (unprofiled)"]
-        lines += gaps(prof, device, args.steps)
+        lines += gaps(prof, device, args.steps) + skew_lines
         if args.ops:
             lines += ["", "CPU ops by the GPU time they launched (self), top 25:", "",
                       "| op | input shapes | calls/step | GPU ms/step |", "|---|---|---|---|"]
@@ -171,6 +176,76 @@ def main():
     # until the time limit; nothing is left to communicate, so every rank just leaves.
     sys.stdout.flush()
     os._exit(0)
+
+
+def start_smi():
+    """Sample every GPU's SM clock, power and temperature every 100 ms (nvidia-smi) until stop_smi."""
+    import subprocess
+    import tempfile
+    f = tempfile.TemporaryFile("w+")
+    try:
+        p = subprocess.Popen(["nvidia-smi", "--query-gpu=index,clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits", "-lms", "100"], stdout=f, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    return p, f
+
+
+def stop_smi(smi) -> dict:
+    """{gpu index: (mean SM MHz, mean W, max C, samples)} from start_smi's samples."""
+    if smi is None:
+        return {}
+    p, f = smi
+    p.terminate()
+    p.wait()
+    f.seek(0)
+    acc: dict = {}
+    for line in f:
+        try:
+            i, mhz, w, c = (float(v) for v in line.split(","))
+        except ValueError:
+            continue
+        acc.setdefault(int(i), []).append((mhz, w, c))
+    return {i: (sum(v[0] for v in vs) / len(vs), sum(v[1] for v in vs) / len(vs), max(v[2] for v in vs), len(vs))
+            for i, vs in acc.items()}
+
+
+def skew(prof, device, steps, smi) -> list[str]:
+    """Every rank's compute kernels (attention, matmul, Inductor's triton) in launch order, gathered on rank 0.
+
+    The ranks run the same graph, so kernel i is the same work everywhere; a rank that runs it slower makes the
+    others wait at the next transfer. Reported per rank: compute ms/step; and two bounds of what the slower ranks
+    cost rank 0 per step: sum_i max_r d_ri - sum_i d_0i (kernel by kernel, the most) and
+    max_r sum_i d_ri - sum_i d_0i (the whole step, the least)."""
+    import torch.distributed as dist
+    if device.type != "cuda":
+        return []
+    want = ("attention", "matmul", "fused elementwise (triton)")
+    ks = sorted((e.time_range.start, e.time_range.end - e.time_range.start, kind(e.name)) for e in prof.events()
+                if e.device_type.name == "CUDA" and kind(e.name) in want and not e.name.startswith("## "))
+    mine = [(d, k) for _, d, k in ks]
+    allr = [None] * dist.get_world_size()
+    dist.all_gather_object(allr, mine)
+    clocks = stop_smi(smi)
+    if dist.get_rank() != 0:
+        return []
+    n = min(len(r) for r in allr)
+    lines = ["", f"Rank skew ({n // steps} compute kernels per step matched by position; ms/step):", "",
+             "| rank | compute | attention | matmul | SM clock MHz (mean) | power W (mean) | max temp C |",
+             "|---|---|---|---|---|---|---|"]
+    for r, ker in enumerate(allr):
+        tot = sum(d for d, _ in ker[:n]) / 1e3 / steps
+        att = sum(d for d, k in ker[:n] if k == "attention") / 1e3 / steps
+        mm = sum(d for d, k in ker[:n] if k == "matmul") / 1e3 / steps
+        c = clocks.get(r)
+        cs = f"{c[0]:.0f} | {c[1]:.0f} | {c[2]:.0f}" if c else "- | - | -"
+        lines.append(f"| {r} | {tot:.2f} | {att:.2f} | {mm:.2f} | {cs} |")
+    mine0 = sum(d for d, _ in allr[0][:n])
+    per_kernel = sum(max(r[i][0] for r in allr) for i in range(n)) - mine0
+    whole = max(sum(d for d, _ in r[:n]) for r in allr) - mine0
+    lines += ["", f"slower ranks cost rank 0 between {whole / 1e3 / steps:.2f} (whole step) and "
+              f"{per_kernel / 1e3 / steps:.2f} ms/step (kernel by kernel)"]
+    return lines
 
 
 def gaps(prof, device, steps):
