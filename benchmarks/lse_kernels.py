@@ -8,6 +8,9 @@ runtime/_lse.py uses on CUDA) against cuDNN's (`_scaled_dot_product_cudnn_attent
 bf16, and checks both against a float32 reference (out and lse) on a cut of the rows. Median of 20 CUDA-event
 timings after 3 warm-up calls. Then checks runtime/_lse.attention_with_lse (cuDNN first, flash, then
 mem-efficient) against its float32 math path on odd shapes and strided (B, S, H, D) storage, bf16 and fp16.
+Last, the LSE merge of two partial outputs at the same shapes: merge_lse's torch ops (what the ring step ran
+before session 14) against its one Triton kernel, into the float32 accumulator and (the last ring step) into
+bf16; `--merge-only` times only that.
 """
 from __future__ import annotations
 
@@ -50,7 +53,13 @@ def timed(fn, *args, n=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge-only", action="store_true")
     a = ap.parse_args()
+    if a.merge_only:
+        lines = merge_rows()
+        if a.out:
+            open(a.out, "w").write("\n".join(lines) + "\n")
+        return
     lines = [f"# LSE attention kernels, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
              "| shape (B, H, Sq, Skv, D) | kernel | ms | TFLOP/s | out rel err | lse max abs err |",
              "|---|---|---|---|---|---|"]
@@ -78,6 +87,7 @@ def main():
             print(lines[-1], flush=True)
     lines += ["", "attention_with_lse vs float32 math (out rel err, lse max abs err):", ""]
     lines += check_attention_with_lse()
+    lines += merge_rows()
     if a.out:
         open(a.out, "w").write("\n".join(lines) + "\n")
 
@@ -104,6 +114,42 @@ def check_attention_with_lse():
             out.append(f"- {(b, h, sq, sk, d)} {dt}: {e:.2e} {le:.2e} {'OK' if ok else 'BAD'}")
             print(out[-1], flush=True)
     return out
+
+
+def merge_rows():
+    """merge_lse at one ring step's shapes: torch ops vs the Triton kernel (ms, GB/s of the kernel's one read
+    of each input and one write, max abs difference)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from xdit_compile.runtime import _lse
+
+    def torch_merge(a, la, b, lb, dtype):
+        lse = torch.logaddexp(la, lb)
+        r = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        o = a.float() * torch.exp(la - r).unsqueeze(-1) + b.float() * torch.exp(lb - r).unsqueeze(-1)
+        return o.to(dtype), lse
+
+    lines = ["", f"LSE merge of two partial outputs, {torch.cuda.get_device_name()} (accumulator float32, the "
+             "new block bf16 in (B, S, H, D) memory as SDPA returns it):", "",
+             "| shape (B, H, S, D) | into | torch ops ms | Triton kernel ms | kernel GB/s | max abs diff |",
+             "|---|---|---|---|---|---|"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (b, h, sq, _, d) in SHAPES.items():
+        acc = torch.randn(b, h, sq, d, device="cuda", generator=g)
+        new = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        la = torch.randn(b, h, sq, device="cuda", generator=g)
+        lb = torch.randn(b, h, sq, device="cuda", generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            t_ms = timed(torch_merge, acc, la, new, lb, dtype)
+            k_ms = timed(_lse._merge_triton, acc, la, new, lb, dtype, False)
+            ro, _ = torch_merge(acc, la, new, lb, dtype)
+            ko, _ = _lse._merge_triton(acc, la, new, lb, dtype, False)
+            nbytes = acc.numel() * (4 + 2 + torch.empty((), dtype=dtype).element_size()) + 3 * la.numel() * 4
+            lines.append(f"| {name} {(b, h, sq, d)} | {str(dtype)[6:]} | {t_ms:.3f} | {k_ms:.3f} | "
+                         f"{nbytes / k_ms / 1e6:.0f} | {(ko.float() - ro.float()).abs().max().item():.1e} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ import math
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # CPU-only installs: merge_lse's torch path
+    triton = None
+
 __all__ = ["BACKENDS", "as_additive_mask", "attention_with_lse", "check_backend", "merge_lse"]
 
 BACKENDS = ("auto", "sdpa", "math", "flash_attn", "yunchang")
@@ -83,20 +89,73 @@ def attention_with_lse(
 
 
 def merge_lse(
-    out_acc: torch.Tensor | None, lse_acc: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor
+    out_acc: torch.Tensor | None, lse_acc: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor,
+    out_dtype: torch.dtype | None = None, inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint key sets: ``out = sum_i exp(lse_i - lse) * out_i``.
 
-    ``out_acc`` is float32 (``None`` on the first block); returns the float32 accumulator and its lse.
+    ``out_acc`` is ``None`` on the first block: then ``(out_i, lse_i)`` come back as they are (the accumulator
+    may stay in out_i's dtype until the next merge, which reads it as float32, as it would the upcast copy).
+    The result is float32, or ``out_dtype`` (the last block: rounded once, as a float32 accumulator cast at the
+    end would be). ``inplace``: the caller owns ``out_acc`` / ``lse_acc`` (made by an earlier merge) and they may
+    be overwritten. On CUDA with Triton this is one kernel (one read of each input, one write); the torch ops
+    below make ~8 passes over the float32 accumulator.
     """
     if out_acc is None:
-        return out_i.float(), lse_i
+        return out_i, lse_i
+    dtype = torch.float32 if out_dtype is None else out_dtype
+    if triton is not None and out_i.is_cuda and out_i.dim() == 4 and out_acc.shape == out_i.shape:
+        return _merge_triton(out_acc, lse_acc, out_i, lse_i, dtype, inplace)
     lse = torch.logaddexp(lse_acc, lse_i)
     # Rows with no visible key yet have lse = -inf; subtracting 0 there keeps both weights 0, not NaN.
     ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     w_acc = torch.exp(lse_acc - ref).unsqueeze(-1)
     w_i = torch.exp(lse_i - ref).unsqueeze(-1)
-    return out_acc * w_acc + out_i.float() * w_i, lse
+    return (out_acc.float() * w_acc + out_i.float() * w_i).to(dtype), lse
+
+
+if triton is not None:
+    @triton.jit
+    def _merge_kernel(a_ptr, la_ptr, b_ptr, lb_ptr, o_ptr, lo_ptr, R, H, S, D,
+                      sa0, sa1, sa2, sa3, sla0, sla1, sla2, sb0, sb1, sb2, sb3, slb0, slb1, slb2,
+                      ROWS: tl.constexpr, DB: tl.constexpr):
+        """ROWS query rows of (B, H, S) per program: out = a * exp(la - lse) + b * exp(lb - lse), lse written
+        too; o / lo are contiguous (B, H, S, D) / (B, H, S)."""
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rm = r < R
+        bi = r // (H * S)
+        hi = (r // S) % H
+        si = r % S
+        d = tl.arange(0, DB)
+        m2 = rm[:, None] & (d < D)[None, :]
+        la = tl.load(la_ptr + bi * sla0 + hi * sla1 + si * sla2, mask=rm, other=float("-inf")).to(tl.float32)
+        lb = tl.load(lb_ptr + bi * slb0 + hi * slb1 + si * slb2, mask=rm, other=float("-inf")).to(tl.float32)
+        mx = tl.maximum(la, lb)
+        mref = tl.where(mx == float("-inf"), 0.0, mx)
+        lse = tl.where(mx == float("-inf"), float("-inf"), mref + tl.log(tl.exp(la - mref) + tl.exp(lb - mref)))
+        ref = tl.where(lse == float("-inf"), 0.0, lse)
+        wa = tl.exp(la - ref)[:, None]
+        wb = tl.exp(lb - ref)[:, None]
+        a = tl.load(a_ptr + (bi * sa0 + hi * sa1 + si * sa2)[:, None] + d[None, :] * sa3, mask=m2, other=0.0)
+        b = tl.load(b_ptr + (bi * sb0 + hi * sb1 + si * sb2)[:, None] + d[None, :] * sb3, mask=m2, other=0.0)
+        o = a.to(tl.float32) * wa + b.to(tl.float32) * wb
+        tl.store(o_ptr + r[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=m2)
+        tl.store(lo_ptr + r, lse, mask=rm)
+
+
+def _merge_triton(out_acc, lse_acc, out_i, lse_i, dtype, inplace):
+    B, H, S, D = out_i.shape
+    own = inplace and out_acc.dtype == dtype and out_acc.is_contiguous()
+    out = out_acc if own else torch.empty((B, H, S, D), device=out_i.device, dtype=dtype)
+    own_l = inplace and lse_acc.dtype == torch.float32 and lse_acc.is_contiguous()
+    lse = lse_acc if own_l else torch.empty((B, H, S), device=out_i.device, dtype=torch.float32)
+    lse_acc, lse_i = lse_acc.expand(B, H, S), lse_i.expand(B, H, S)
+    R, DB = B * H * S, triton.next_power_of_2(D)
+    rows = max(1, 4096 // DB)
+    _merge_kernel[(triton.cdiv(R, rows),)](
+        out_acc, lse_acc, out_i, lse_i, out, lse, R, H, S, D,
+        *out_acc.stride(), *lse_acc.stride(), *out_i.stride(), *lse_i.stride(), ROWS=rows, DB=DB, num_warps=4)
+    return out, lse
 
 
 def _math(q_BHSD, k_BHSD, v_BHSD, bias, scale):

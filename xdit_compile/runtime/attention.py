@@ -363,7 +363,9 @@ def _ring(q_BHSD, k_BHSD, v_BHSD, mask, scale, pg, rank, sizes, enable_gqa, back
             k_blk, v_blk = _repeat_kv(q_BHSD, k_blk, v_blk)
         m_blk = None if bias is None else bias[..., offsets[src] : offsets[src] + sizes[src]]
         out_i, lse_i = attention_with_lse(q_BHSD, k_blk, v_blk, m_blk, scale, backend)
-        out_acc, lse_acc = merge_lse(out_acc, lse_acc, out_i, lse_i)
+        # float32 accumulator, merged in place from the third block on, the last merge in q's dtype
+        out_acc, lse_acc = merge_lse(out_acc, lse_acc, out_i, lse_i,
+                                     out_dtype=q_BHSD.dtype if step == n - 1 else None, inplace=step > 1)
         for req in reqs:
             req.wait()
         if incoming is not None:

@@ -112,6 +112,12 @@ def norm_rope(xs: list[Tensor], weights: list[Tensor], eps: float, norm_all: boo
     x0 = xs[0]
     if triton is None or not x0.is_cuda or any(x.stride(-1) != 1 for x in xs):
         return _reference(xs, weights, eps, norm_all, freqs, round_first)
+    return _triton(xs, weights, eps, norm_all, freqs, round_first)
+
+
+def _triton(xs, weights, eps, norm_all, freqs, round_first):
+    """The kernel launch (CUDA; also what tests/test_triton_interpret.py runs on CPU under TRITON_INTERPRET=1)."""
+    x0 = xs[0]
     B, _, H, D = x0.shape
     S_out = sum(x.shape[1] for x in xs)
     out = torch.empty((B, S_out, H, D), device=x0.device, dtype=x0.dtype)
