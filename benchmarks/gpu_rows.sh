@@ -1,7 +1,8 @@
 #!/bin/bash
 # Chosen rows on a 4-GPU machine in one device call (< 10 minutes), each model against its 1-GPU eager output
 # made in the same call. The 1-GPU references run side by side on GPUs 1-3 (at most 3 models per call) while
-# GPU 0 runs the norm_rope microbenchmark (MICRO=1); then the 4-GPU rows, one job after another.
+# GPU 0 runs the norm_rope microbenchmark (MICRO=1) and the LSE-merge one (MERGE=1); then the rows, one job after
+# another.
 #   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
 #   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
 # A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default 4, the first N).
@@ -16,8 +17,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
 B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
-if [ -n "${MICRO:-}" ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/norm_rope.py --md $OUT/norm_rope.md > $OUT/norm_rope.log 2>&1 &
+if [ -n "${MICRO:-}${MERGE:-}" ]; then
+  ( [ -z "${MICRO:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/norm_rope.py --md $OUT/norm_rope.md > $OUT/norm_rope.log 2>&1
+    [ -z "${MERGE:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/lse_kernels.py --merge-only --out $OUT/lse_merge.md \
+      > $OUT/lse_merge.log 2>&1 ) &
 fi
 i=1; started=" "
 for job in "$@"; do
@@ -42,4 +45,4 @@ extra=$(ls -d $R/n1_* 2>/dev/null); [ -f $R/n2/rows.jsonl ] && extra="$extra $R/
 python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $extra --md $OUT/bench.md --png $OUT/scaling.png \
   > $OUT/merge.log 2>&1
 tar czf $OUT/raw.tgz -C $R --exclude=.seeded .
-cat $OUT/norm_rope.md 2>/dev/null; tail -n 3 $OUT/n[24].log 2>/dev/null; grep -v "^$" $OUT/bench.md | head -60
+cat $OUT/norm_rope.md $OUT/lse_merge.md 2>/dev/null; tail -n 3 $OUT/n[24].log 2>/dev/null; grep -v "^$" $OUT/bench.md | head -60

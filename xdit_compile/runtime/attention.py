@@ -341,24 +341,23 @@ def _ring(q_BHSD, k_BHSD, v_BHSD, mask, scale, pg, rank, sizes, enable_gqa, back
         if mask.size(2) == total and total != local:
             mask = mask[:, :, offsets[rank] : offsets[rank] + local]
         bias = as_additive_mask(mask, q_BHSD.dtype)
-    d = k_BHSD.size(-1)
-    # k and v travel as one buffer, padded to the longest shard so every step sends the same shape.
-    kv = torch.cat([k_BHSD, v_BHSD], dim=-1)
-    if local < max(sizes):
-        kv = F.pad(kv, (0, 0, 0, max(sizes) - local))
-    kv = kv.contiguous()
+    # k and v travel as two buffers of one P2P batch (no concatenation copy), padded to the longest shard so
+    # every step sends the same shapes.
+    pad = max(sizes) - local
+    kv = [F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (k_BHSD, v_BHSD)]
     send_to = dist.get_global_rank(pg, (rank + 1) % n)
     recv_from = dist.get_global_rank(pg, (rank - 1) % n)
     out_acc = lse_acc = None
     for step in range(n):
         reqs, incoming = [], None
         if step < n - 1:  # start the next transfer before computing on the current block
-            incoming = torch.empty_like(kv)
+            incoming = [torch.empty_like(t) for t in kv]
             reqs = dist.batch_isend_irecv(
-                [dist.P2POp(dist.isend, kv, send_to, pg), dist.P2POp(dist.irecv, incoming, recv_from, pg)]
+                [dist.P2POp(dist.isend, kv[0], send_to, pg), dist.P2POp(dist.irecv, incoming[0], recv_from, pg),
+                 dist.P2POp(dist.isend, kv[1], send_to, pg), dist.P2POp(dist.irecv, incoming[1], recv_from, pg)]
             )
         src = (rank - step) % n
-        k_blk, v_blk = kv[:, :, : sizes[src], :d], kv[:, :, : sizes[src], d:]
+        k_blk, v_blk = kv[0][:, :, : sizes[src]], kv[1][:, :, : sizes[src]]
         if enable_gqa:
             k_blk, v_blk = _repeat_kv(q_BHSD, k_blk, v_blk)
         m_blk = None if bias is None else bias[..., offsets[src] : offsets[src] + sizes[src]]
