@@ -22,11 +22,12 @@ from dist_utils import each_case, run_distributed
 from models import MODELS
 
 import xdit_compile  # noqa: F401  (registers the xdit:: ops)
-from xdit_compile.passes.decompose_ulysses import ULYSSES_OP, decompose_ulysses_pass
+from xdit_compile.passes.decompose_ulysses import RING_OP, ULYSSES_OP, USP_OP, decompose_ulysses_pass
 
 REL_TOL = 1e-4
 A2A = "_c10d_functional.all_to_all_single"
 ULYSSES = "xdit.ulysses_attention"
+USP, RING = "xdit.usp_attention", "xdit.ring_attention"
 SYMM = "xdit.symm_all_to_all"
 CE_START, CE_WAIT = "xdit.a2a_start", "xdit.a2a_wait"
 
@@ -74,6 +75,47 @@ def test_simple_decomposed():
     assert targets.count("_c10d_functional.all_to_all_single.default") == 2   # q/k/v together, then out
     assert targets.count("_c10d_functional.wait_tensor.default") == 2
     assert ctx.attention_report[0]["decomposed"]
+
+
+def _usp_graph(sizes, mode="nccl"):
+    """placeholder q, k, v -> xdit.usp_attention (ulysses 2 x ring 2, groups "u" / "r") -> output."""
+    g = fx.Graph()
+    q, k, v = (g.placeholder(n) for n in "qkv")
+    for node in (q, k, v):
+        node.meta["example_value"] = torch.empty(1, 4, 16, 8, device="meta")
+    att = g.call_function(USP_OP, (q, k, v, None, 0.5, False, "u", "r", sizes, "auto"))
+    g.output(att)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    ctx = types.SimpleNamespace(attention_report=[{"node": "sdpa", "op_node": att.name, "became": "usp"}],
+                                ulysses=2, ring=2, all_to_all=mode)
+    return gm, ctx
+
+
+def test_usp_decomposed_around_ring():
+    """USP: the two all-to-alls in the Ulysses group become functional collectives, and the ring attention between
+    them stays the ring op, over the ring group, on the Ulysses group's 2 x 4 tokens per ring rank."""
+    gm, ctx = _usp_graph([4, 4, 4, 4])
+    assert decompose_ulysses_pass(gm, ctx)
+    gm.graph.lint()
+    targets = _targets(gm)
+    assert str(USP_OP) not in targets and targets.count(str(RING_OP)) == 1
+    assert targets.count("_c10d_functional.all_to_all_single.default") == 2
+    a2a = [n for n in gm.graph.nodes if n.target is torch.ops._c10d_functional.all_to_all_single.default]
+    assert all(n.args[1:] == ([1, 1], [1, 1], "u") for n in a2a)
+    ring = next(n for n in gm.graph.nodes if n.target is RING_OP)
+    assert ring.args[3:] == (None, 0.5, False, "r", [8, 8], "auto")
+    assert "ring attention over 2 ranks" in ctx.attention_report[0]["became"]
+
+
+@pytest.mark.parametrize("sizes,mode,reason", [
+    ([4, 4, 4, 3], "nccl", "uneven"),
+    ([4, 4, 4, 4], "copy_engine", "only nccl"),
+])
+def test_usp_kept(sizes, mode, reason):
+    gm, ctx = _usp_graph(sizes, mode)
+    assert not decompose_ulysses_pass(gm, ctx)
+    assert _targets(gm) == [str(USP_OP)]
+    assert reason in ctx.attention_report[0]["kept_op"]
 
 
 @pytest.mark.parametrize("mode,collective,count,became", [
@@ -318,7 +360,8 @@ def _run_case(case: dict) -> dict:
     inputs = model_case.inputs(**case["size"])
     with torch.no_grad():
         ref = model(**inputs)[0]
-    plan = xc.Plan.from_dict({"parallel": {"ulysses": 2}, "compile": {"lowering": "inductor", **case["compile"]}})
+    plan = xc.Plan.from_dict({"parallel": case.get("parallel", {"ulysses": 2}),
+                              "compile": {"lowering": "inductor", **case["compile"]}})
     xc.parallelize(model, plan)
     from torch._inductor import config as inductor_config
     from torch._inductor import ir
@@ -381,6 +424,8 @@ def _run_case(case: dict) -> dict:
         "rel_err": ((out - ref).norm() / ref.norm()).item(),
         "n_a2a": sum(t.startswith(A2A) for t in targets),
         "n_op": sum(t.startswith(ULYSSES) for t in targets),
+        "n_usp": sum(t.startswith(USP) for t in targets),
+        "n_ring": sum(t.startswith(RING) for t in targets),
         "n_ag": sum(t.startswith("_c10d_functional.all_gather_into_tensor") for t in targets),
         "n_decomposed": sum(bool(a.get("decomposed")) for a in attention),
         "explain": xc.explain(model),
@@ -392,18 +437,22 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
     return each_case(_run_case, cases)
 
 
-_RESULTS: list = []
+# four ranks: ulysses 2 x ring 2 (USP), its Ulysses all-to-alls decomposed around the ring op
+CASES4 = {"flux_usp": {"model": "flux", "size": {"text_len": 8}, "parallel": {"ulysses": 2, "ring": 2},
+                       "compile": {"fuse_gelu": False}}}
+_RESULTS: dict = {}
 
 
 def _results(key: str) -> list[dict]:
-    if not _RESULTS:
+    world, cases = (4, CASES4) if key in CASES4 else (2, CASES)
+    if world not in _RESULTS:
         try:
-            _RESULTS.append(run_distributed(_run_cases, 2, CASES, timeout=900))
+            _RESULTS[world] = run_distributed(_run_cases, world, cases, timeout=900)
         except Exception as e:  # noqa: BLE001 - every test reports it, none re-runs it
-            _RESULTS.append(e)
-    if isinstance(_RESULTS[0], Exception):
-        pytest.fail(f"the distributed cases did not run: {_RESULTS[0]}", pytrace=False)
-    per_rank = [r[key] for r in _RESULTS[0]]
+            _RESULTS[world] = e
+    if isinstance(_RESULTS[world], Exception):
+        pytest.fail(f"the distributed cases did not run: {_RESULTS[world]}", pytrace=False)
+    per_rank = [r[key] for r in _RESULTS[world]]
     for rank, r in enumerate(per_rank):
         if "error" in r:
             pytest.fail(f"rank {rank}:\n{r['error']}", pytrace=False)
@@ -543,3 +592,13 @@ def test_symm_all_to_all_op_on_cpu():
     for rank, r in enumerate(run_distributed(_symm_op, 2, timeout=120)):
         assert r["equal"] and not r["symm_path"], f"rank {rank}: {r}"
         assert "1 rows, the group has 2 ranks" in r["err"], r["err"]
+
+
+def test_usp_decomposed_matches():
+    """ulysses 2 x ring 2 on four gloo ranks under Inductor: every USP call became the two functional all-to-alls
+    around the ring op, and the output matches one process."""
+    for rank, r in enumerate(_results("flux_usp")):
+        assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_usp"] == 0 and r["n_ring"] == r["n_decomposed"] > 0, f"rank {rank}: {r}"
+        assert r["n_a2a"] == 2 * r["n_decomposed"], f"rank {rank}: {r}"
+        assert "ring attention over 2 ranks" in r["explain"]

@@ -58,6 +58,15 @@ starts back at once; one wait takes every output chunk's token. Chunk c + 1's q/
 c's attention, chunk c's output beside chunk c + 1's: what the double blocks of FLUX (no independent matmul
 around their attention) can hide.
 
+USP (`xdit::usp_attention`, ulysses x ring) with the default functional collectives: the same two all-to-alls
+inside the Ulysses group, and between them `xdit::ring_attention` over the ring group instead of SDPA (each ring
+rank holds its Ulysses group's L tokens). Other all_to_all modes keep the op for USP.
+
+    before:  o_BHSD = xdit.usp_attention(q, k, v, None, scale, False, "u", "r", [S] * (U * R), "auto")
+    after:   ... the all-to-all of q, k, v in "u" as above ...                            # (3, B, h, L, D)
+             o = xdit.ring_attention(ql, kl, vl, None, scale, False, "r", [L] * R, "auto")  # (B, h, L, D)
+             ... the output's all-to-all in "u" as above ...                              # (B, H, S, D)
+
 compile.all_to_all = "symm_mem": each all_to_all_single + wait_tensor pair is one
 ``xdit.symm_all_to_all(x, "g")`` instead (runtime/symm_a2a.py: stores straight into the peers' buffers).
 
@@ -87,6 +96,8 @@ aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 ULYSSES_OP = torch.ops.xdit.ulysses_attention.default
+USP_OP = torch.ops.xdit.usp_attention.default
+RING_OP = torch.ops.xdit.ring_attention.default
 DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
 CE = "decomposed: copy-engine all-to-all (xdit.a2a_start / a2a_wait) + sdpa"
 ALLGATHER_KV = "decomposed: all-gather of k, v (_c10d_functional) + sdpa of the local queries on all heads"
@@ -97,18 +108,29 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
     changed = False
     slot = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target is not ULYSSES_OP:
+        if n.op != "call_function" or n.target not in (ULYSSES_OP, USP_OP):
             continue
-        reason = _not_simple(n)
+        mode = getattr(ctx, "all_to_all", "nccl")
+        ring = None
+        if n.target is USP_OP:      # (group, sizes) of the Ulysses part; the ring op's (group, sizes, backend)
+            q, k, v, _mask, scale, _gqa, group, rgroup, sp_sizes, backend = n.args
+            u = getattr(ctx, "ulysses", 0)
+            reason = (_not_simple(n, u) or (f"usp with all_to_all = {mode!r} (only nccl is decomposed)"
+                                            if mode != "nccl" else None))
+            if not reason:
+                sizes = list(sp_sizes[:u])
+                ring = (rgroup, [u * sizes[0]] * (len(sp_sizes) // u), backend)
+        else:
+            q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
+            reason = _not_simple(n)
         rec = by_node.get(n.name)
         if reason:
             if rec is not None:
                 rec["kept_op"] = reason
             continue
-        q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
         g = gm.graph
-        chunks = _chunks(q.meta["example_value"].shape[1] // len(sizes), getattr(ctx, "ulysses_chunks", 1))
-        mode = getattr(ctx, "all_to_all", "nccl")
+        chunks = 1 if ring else _chunks(q.meta["example_value"].shape[1] // len(sizes),
+                                        getattr(ctx, "ulysses_chunks", 1))
         parts = 1
         if mode == "copy_engine" and _output_has_partner(n):
             chunks = 1     # its transfers already run beside independent compute: cutting it would only cost
@@ -127,7 +149,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                                                           qv.dtype, qv.device, slot % 2, chunks, parts)
                 slot += 1
             else:
-                out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm)
+                out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm, ring)
                 if symm and hasattr(ctx, "symm_buffers"):    # its two calls' buffers, made before the first run
                     qv = q.meta["example_value"]
                     local = qv.numel() // qv.shape[2] * sizes[0]
@@ -144,15 +166,24 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 kv = k.meta["example_value"]   # full size: (B, H, L, D); each rank sends its k, v shard N - 1 times
                 rec["bytes"] = (len(sizes) - 1) * 2 * kv.numel() // len(sizes) * kv.element_size()
             extra = f", {chunks} head chunks" if chunks > 1 else f", {parts} query parts" if parts > 1 else ""
+            if ring:
+                how = how.replace("+ sdpa", f"+ ring attention over {len(ring[1])} ranks")
             rec["became"] = f"{rec['became']} ({how}{extra})"
             rec["decomposed"] = True
         changed = True
     return changed
 
 
-def _not_simple(n: fx.Node) -> str | None:
-    """Why this call stays on the custom op (None: it is decomposed)."""
-    q, k, v, mask, _scale, _gqa, _group, sizes, backend = n.args
+def _not_simple(n: fx.Node, ulysses: int = 0) -> str | None:
+    """Why this call stays on the custom op (None: it is decomposed). ulysses: the Ulysses degree of a
+    usp_attention call (its sizes are over every sequence-parallel rank)."""
+    if n.target is USP_OP:
+        q, k, v, mask, _scale, _gqa, _group, _rgroup, sizes, backend = n.args
+        if ulysses < 2 or len(sizes) % ulysses:
+            return f"usp with {len(sizes)} shards and ulysses degree {ulysses}"
+    else:
+        q, k, v, mask, _scale, _gqa, _group, sizes, backend = n.args
+        ulysses = len(sizes)
     if mask is not None:
         return "mask"
     if backend not in ("auto", "sdpa"):
@@ -162,7 +193,7 @@ def _not_simple(n: fx.Node) -> str | None:
         return "q/k/v shapes unknown"
     if not (vals[0].shape == vals[1].shape == vals[2].shape) or len({x.dtype for x in vals}) != 1:
         return "q, k, v differ in heads, head dim or dtype"
-    num = len(sizes)
+    num = ulysses
     if not isinstance(vals[0].shape[1], int) or vals[0].shape[1] % num:
         return f"{vals[0].shape[1]} heads not divisible by {num} (padded heads)"
     if len(set(sizes)) != 1:
@@ -201,7 +232,9 @@ def _chunks(local_heads: int, asked: int) -> int:
     return max(c for c in range(1, max(1, min(asked, local_heads)) + 1) if local_heads % c == 0)
 
 
-def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: bool = False) -> fx.Node:
+def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: bool = False,
+          ring: tuple | None = None) -> fx.Node:
+    """ring: (ring group, ring sizes, backend) of a USP call: ring attention between the all-to-alls."""
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
@@ -225,7 +258,10 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     y = all_to_all(x)
     y = call(aten.flatten.using_ints, call(aten.permute.default, y, [1, 2, 3, 0, 4, 5]), 3, 4)  # (3, B, h, L, D)
     ql, kl, vl = (call(aten.select.int, y, 0, i) for i in range(3))
-    o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)              # (B, h, L, D)
+    if ring:
+        o = call(RING_OP, ql, kl, vl, None, scale, False, *ring)                  # (B, h, L, D)
+    else:
+        o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)          # (B, h, L, D)
     o = call(aten.unflatten.int, o, 2, [num, -1])                                 # (B, h, N, S, D)
     o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))                # (N, B, h, S, D)
     o = all_to_all(o)
