@@ -91,10 +91,12 @@ def _usp_graph(sizes, mode="nccl"):
     return gm, ctx
 
 
-def test_usp_decomposed_around_ring():
-    """USP: the two all-to-alls in the Ulysses group become functional collectives, and the ring attention between
-    them stays the ring op, over the ring group, on the Ulysses group's 2 x 4 tokens per ring rank."""
-    gm, ctx = _usp_graph([4, 4, 4, 4])
+@pytest.mark.parametrize("mode", ["nccl", "copy_engine"])
+def test_usp_decomposed_around_ring(mode):
+    """USP: the two all-to-alls in the Ulysses group become functional collectives (with copy_engine too: the copy
+    engines stay with Ulysses-only attention), and the ring attention between them stays the ring op, over the
+    ring group, on the Ulysses group's 2 x 4 tokens per ring rank."""
+    gm, ctx = _usp_graph([4, 4, 4, 4], mode)
     assert decompose_ulysses_pass(gm, ctx)
     gm.graph.lint()
     targets = _targets(gm)
@@ -109,7 +111,7 @@ def test_usp_decomposed_around_ring():
 
 @pytest.mark.parametrize("sizes,mode,reason", [
     ([4, 4, 4, 3], "nccl", "uneven"),
-    ([4, 4, 4, 4], "copy_engine", "only nccl"),
+    ([4, 4, 4, 4], "symm_mem", "nccl / copy_engine are decomposed"),
 ])
 def test_usp_kept(sizes, mode, reason):
     gm, ctx = _usp_graph(sizes, mode)

@@ -58,9 +58,10 @@ starts back at once; one wait takes every output chunk's token. Chunk c + 1's q/
 c's attention, chunk c's output beside chunk c + 1's: what the double blocks of FLUX (no independent matmul
 around their attention) can hide.
 
-USP (`xdit::usp_attention`, ulysses x ring) with the default functional collectives: the same two all-to-alls
-inside the Ulysses group, and between them `xdit::ring_attention` over the ring group instead of SDPA (each ring
-rank holds its Ulysses group's L tokens). Other all_to_all modes keep the op for USP.
+USP (`xdit::usp_attention`, ulysses x ring), with all_to_all nccl or copy_engine: the same two functional
+all-to-alls inside the Ulysses group, and between them `xdit::ring_attention` over the ring group instead of SDPA
+(each ring rank holds its Ulysses group's L tokens). The copy engines stay with Ulysses-only attention (on a
+Ulysses subgroup they are not measured); symm_mem and allgather_kv keep the op for USP.
 
     before:  o_BHSD = xdit.usp_attention(q, k, v, None, scale, False, "u", "r", [S] * (U * R), "auto")
     after:   ... the all-to-all of q, k, v in "u" as above ...                            # (3, B, h, L, D)
@@ -115,11 +116,12 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         if n.target is USP_OP:      # (group, sizes) of the Ulysses part; the ring op's (group, sizes, backend)
             q, k, v, _mask, scale, _gqa, group, rgroup, sp_sizes, backend = n.args
             u = getattr(ctx, "ulysses", 0)
-            reason = (_not_simple(n, u) or (f"usp with all_to_all = {mode!r} (only nccl is decomposed)"
-                                            if mode != "nccl" else None))
+            reason = (_not_simple(n, u) or (f"usp with all_to_all = {mode!r} (nccl / copy_engine are decomposed)"
+                                            if mode not in ("nccl", "copy_engine") else None))
             if not reason:
                 sizes = list(sp_sizes[:u])
                 ring = (rgroup, [u * sizes[0]] * (len(sp_sizes) // u), backend)
+                mode = "nccl"    # copy_engine stays with Ulysses-only attention (unmeasured on subgroups)
         else:
             q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
             reason = _not_simple(n)
