@@ -184,7 +184,8 @@ class CompileConfig:
     attention it was not faster (4 x H200, FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step); the double blocks
     only are not measured yet."""
     all_to_all: str = "auto"
-    """Decomposed Ulysses only: how its all-to-alls move data. auto (default): copy_engine with lowering = "inductor" on
+    """Decomposed Ulysses only: how its all-to-alls move data (USP's all-to-alls, around the ring op, are functional
+    collectives under nccl and copy_engine; symm_mem and allgather_kv keep the USP op). auto (default): copy_engine with lowering = "inductor" on
     CUDA when Ulysses spans the whole job on one host's GPUs (the plans measured with it), else nccl. nccl
     (``_c10d_functional.all_to_all_single``) or symm_mem (``xdit::symm_all_to_all``: one Triton kernel stores into
     the peers' symmetric-memory buffers over NVLink, then a barrier; falls back to NCCL / gloo where the GPUs cannot
