@@ -1,11 +1,11 @@
 #!/bin/bash
-# Chosen rows on a 4-GPU machine in one device call (< 10 minutes), each model against its 1-GPU eager output
-# made in the same call. The 1-GPU references run side by side on GPUs 1-3 (at most 3 models per call) while
+# Chosen rows on a 2- or 4-GPU machine in one device call (< 10 minutes), each model against its 1-GPU eager output
+# made in the same call. The 1-GPU references run side by side on GPUs 1..G-1 (G GPUs on the machine) while
 # GPU 0 runs the norm_rope microbenchmark (MICRO=1) and the LSE-merge one (MERGE=1); then the rows, one job after
 # another.
 #   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
 #   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
-# A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default 4, the first N).
+# A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default min(4, G), the first N).
 # CALLS=K: K forwards per timing.
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
@@ -14,7 +14,9 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $R/n2/ref $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
-B="python3 benchmarks/bench.py --driver --gpus 4 ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
+G=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}; [ "$G" -ge 2 ] 2>/dev/null || G=4  # TINY (CPU): 4
+NDEF=$(( G < 4 ? G : 4 ))
+B="python3 benchmarks/bench.py --driver --gpus $G ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
 if [ -n "${MICRO:-}${MERGE:-}" ]; then
@@ -30,14 +32,15 @@ for job in "$@"; do
   started="$started$model "
   $B --ns 1 --models $model --methods eager --gpu-offset $i --out $R/n1_$model --budget-s 300 \
     > $OUT/n1_$model.log 2>&1 &
-  i=$((i % 3 + 1))
+  i=$((i % (G - 1) + 1))
 done
 wait
 cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null; cp $R/n1_*/ref/*.pt $R/n2/ref/ 2>/dev/null
 for job in "$@"; do
   IFS=: read model meths degs n <<< "$job"
-  n=${n:-4}
+  n=${n:-$NDEF}
   case $n in 2|4) ;; *) echo "gpu_rows.sh: job $job: N must be 2 or 4" >&2; exit 2 ;; esac
+  [ $n -le $G ] || { echo "gpu_rows.sh: job $job needs $n GPUs, the machine has $G" >&2; exit 2; }
   [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
   $B --ns $n --models $model --methods $meths --degs $degs --out $R/n$n --budget-s $(left) >> $OUT/n$n.log 2>&1
 done
