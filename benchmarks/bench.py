@@ -395,7 +395,9 @@ class Worker:
         import torch
         with torch.no_grad():
             out = fn(**inputs)
-        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        while isinstance(out, (tuple, list)) or hasattr(out, "sample"):  # xfuser's SD3 wrapper: ((sample,),)
+            out = out[0] if isinstance(out, (tuple, list)) else out.sample
+        return out
 
     def timed(self, fn, inputs):
         import torch

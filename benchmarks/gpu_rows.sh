@@ -24,15 +24,20 @@ if [ -n "${MICRO:-}${MERGE:-}" ]; then
     [ -z "${MERGE:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/lse_kernels.py --merge-only --out $OUT/lse_merge.md \
       > $OUT/lse_merge.log 2>&1 ) &
 fi
-i=1; started=" "
+i=1; started=" "; declare -A chain  # per reference GPU, its models one after another (no two timings share a GPU)
 for job in "$@"; do
   model=${job%%:*}
   [ -f $R/n4/ref/$model.pt ] && continue
   case "$started" in *" $model "*) continue ;; esac
   started="$started$model "
-  $B --ns 1 --models $model --methods eager --gpu-offset $i --out $R/n1_$model --budget-s 300 \
-    > $OUT/n1_$model.log 2>&1 &
+  chain[$i]="${chain[$i]:-} $model"
   i=$((i % (G - 1) + 1))
+done
+for g in "${!chain[@]}"; do
+  ( for model in ${chain[$g]}; do
+      $B --ns 1 --models $model --methods eager --gpu-offset $g --out $R/n1_$model --budget-s 300 \
+        > $OUT/n1_$model.log 2>&1
+    done ) &
 done
 wait
 cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null; cp $R/n1_*/ref/*.pt $R/n2/ref/ 2>/dev/null
