@@ -50,3 +50,15 @@ def test_driver_tiny(tmp_path):
     p2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
     assert "torch.distributed.run" not in p2.stdout and "all rows done" in p2.stdout, p2.stdout
+
+
+def test_call_unwraps_nested_outputs():
+    """Every row is compared as one tensor: a diffusers Transformer2DModelOutput, a (sample,) tuple and
+    xfuser's SD3 wrapper's ((sample,),) all give the sample."""
+    import torch
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    x = torch.arange(6.0).reshape(2, 3)
+    for ret in (x, (x,), ((x,),), Transformer2DModelOutput(sample=x), [Transformer2DModelOutput(sample=x)]):
+        assert bench.Worker.call(None, lambda **kw: ret, {}) is x
