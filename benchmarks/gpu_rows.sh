@@ -1,6 +1,6 @@
 #!/bin/bash
 # Chosen rows on a 2- or 4-GPU machine in one device call (< 10 minutes), each model against its 1-GPU eager output
-# made in the same call. The 1-GPU references run side by side on GPUs 1..G-1 (G GPUs on the machine) while
+# made in the same call. The 1-GPU references run on GPUs 1..G-1 (G GPUs; those sharing a GPU one after another) while
 # GPU 0 runs the norm_rope microbenchmark (MICRO=1) and the LSE-merge one (MERGE=1); then the rows, one job after
 # another.
 #   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
@@ -19,6 +19,11 @@ NDEF=$(( G < 4 ? G : 4 ))
 B="python3 benchmarks/bench.py --driver --gpus $G ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
+for job in "$@"; do  # bad jobs fail before anything runs
+  IFS=: read model meths degs n <<< "$job"; n=${n:-$NDEF}
+  case $n in 2|4) ;; *) echo "gpu_rows.sh: job $job: N must be 2 or 4" >&2; exit 2 ;; esac
+  [ $n -le $G ] || { echo "gpu_rows.sh: job $job needs $n GPUs, the machine has $G" >&2; exit 2; }
+done
 if [ -n "${MICRO:-}${MERGE:-}" ]; then
   ( [ -z "${MICRO:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/norm_rope.py --md $OUT/norm_rope.md > $OUT/norm_rope.log 2>&1
     [ -z "${MERGE:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/lse_kernels.py --merge-only --out $OUT/lse_merge.md \
@@ -44,8 +49,6 @@ cp $R/n1_*/ref/*.pt $R/n4/ref/ 2>/dev/null; cp $R/n1_*/ref/*.pt $R/n2/ref/ 2>/de
 for job in "$@"; do
   IFS=: read model meths degs n <<< "$job"
   n=${n:-$NDEF}
-  case $n in 2|4) ;; *) echo "gpu_rows.sh: job $job: N must be 2 or 4" >&2; exit 2 ;; esac
-  [ $n -le $G ] || { echo "gpu_rows.sh: job $job needs $n GPUs, the machine has $G" >&2; exit 2; }
   [ $(left) -lt 40 ] && echo "no time left for $job" >> $OUT/skipped.txt && continue
   $B --ns $n --models $model --methods $meths --degs $degs --out $R/n$n --budget-s $(left) >> $OUT/n$n.log 2>&1
 done
