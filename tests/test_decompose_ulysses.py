@@ -345,6 +345,9 @@ CASES = {
     # fuse_gelu (default): the 3 MLP linear + tanh-GELU pairs (double block img / txt ff, single block proj_mlp)
     "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8},
                     "compile": {"all_to_all": "copy_engine", "query_parts": 2}},
+    # fuse_linears: q/k/v (and the text stream's) as one GEMM each, before schedule_transfers
+    "flux_ce_fl": {"model": "flux", "size": {"text_len": 8},
+                   "compile": {"all_to_all": "copy_engine", "fuse_linears": True}},
 }
 
 
@@ -479,7 +482,7 @@ def test_allgather_kv_matches(key):
         assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl"])
 def test_copy_engine_matches(key):
     c = CASES[key]["compile"].get("ulysses_chunks", 1)
     parts = CASES[key]["compile"].get("query_parts", 1)
@@ -539,7 +542,7 @@ def test_copy_engine_schedule(which):
     assert "lin" in tail[tail.index("S:o"):tail.index("W:o")], f"mlp half of proj_out during the o transfer: {tail}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl"])
 def test_copy_engine_starts_in_one_order(key):
     """The generated code of every rank starts the transfers in the fx graph's order, the same on all ranks:
     schedule_transfers chains the starts (a start queues a barrier, and allocated its buffer collectively, so
@@ -553,6 +556,22 @@ def test_copy_engine_starts_in_one_order(key):
     # and every buffer they use was made before the graph first ran (no rendezvous inside the first run)
     assert all(r["ce_reserved"] >= 4 and not r["ce_late"] for r in rs), [(r["ce_reserved"], r["ce_late"]) for r in rs]
     assert code_starts == fx_starts, f"Inductor's order {code_starts} != the graph's {fx_starts}"
+
+
+def test_fuse_linears_with_copy_engine():
+    """compile.fuse_linears under Inductor with the copy-engine transfers: tiny Flux's 3 q/k/v groups are one GEMM
+    each (the explain line says so), the output matches one process (test_copy_engine_matches), and every q/k/v
+    start still comes before the attention's first wait."""
+    for r in _results("flux_ce_fl"):
+        assert "fuse_linears: 3 groups of linears of one input as one GEMM each (9 linears)" in r["explain"], \
+            r["explain"]
+        order = r["order"]
+        att = [i for i, x in enumerate(order) if x == "sdpa"]
+        for a, lo in zip(att, (0, att[0] + 1)):
+            part = order[lo:a]
+            starts = [i for i, x in enumerate(part) if x in ("S:q", "S:k", "S:v")]
+            waits = [i for i, x in enumerate(part) if x in ("W:q", "W:k", "W:v")]
+            assert len(starts) == 3 and max(starts) < min(waits), part
 
 
 def test_fuse_gelu():

@@ -331,3 +331,98 @@ def test_fuse_norm_rope_under_ulysses():
     for res in run_distributed(_norm_rope_sp, 2):
         assert res["flux"][1] == 4 and res["wan"][1] == 2 and res["hunyuanvideo"][1] == 2, res
         assert max(r[0] for r in res.values()) < 1e-5, res
+
+
+def _fuse_linears_on(gm, ex, fuse_gelu=True):
+    from xdit_compile.passes.fuse_linears import fuse_linears_pass
+    from xdit_compile.runtime import fused_linear
+
+    class Ctx:
+        fuse_report: dict = {}
+
+    ctx = Ctx()
+    ctx.example_inputs, ctx.fuse_gelu = ex, fuse_gelu
+    if fuse_linears_pass(gm, ctx):
+        gm.graph.lint()
+        gm.recompile()
+    fused_linear.rebind_joined()
+    return ctx.fuse_report["linears"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fuse_linears_pass_flux(monkeypatch, split):
+    """FLUX's image q/k/v, text add_q/k/v (double blocks) and single-block q/k/v become one GEMM each; proj_mlp
+    (tanh-GELU, left to fuse_gelu) stays out. The same output (the joined GEMM, and with split the per-member GEMMs
+    into one output); the parameters become views of the joined weight, and a second compile joins nothing anew."""
+    from xdit_compile.runtime import fused_linear
+
+    if split:
+        monkeypatch.setattr(fused_linear, "SPLIT_ROWS", 1)
+    case = MODELS["flux"]
+    m = case.build()
+    cfg = m.config
+    q = m.transformer_blocks[0].attn.to_q.weight
+    before = q.detach().clone()
+    sizes, first = [], set()
+    for gm, ex in _capture_with_inputs(m, case.inputs()):
+        with torch.no_grad():
+            ref = gm(*ex)
+        sizes += _fuse_linears_on(gm, ex)
+        first |= {n.args[1] for n in gm.graph.nodes if n.target is torch.ops.xdit.sibling_linear.default}
+        with torch.no_grad():
+            out = gm(*ex)
+        for a, b in zip(ref, out):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert sizes == [3] * (2 * cfg.num_layers) + [3] * cfg.num_single_layers, sizes
+    attn = m.transformer_blocks[0].attn
+    k, v = attn.to_k.weight, attn.to_v.weight
+    assert torch.equal(q, before) and isinstance(q, nn.Parameter)
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert v.storage_offset() == k.storage_offset() + k.numel() == q.storage_offset() + 2 * q.numel()
+    ptr, keys = q.data_ptr(), set()
+    for gm, ex in _capture_with_inputs(m, case.inputs(seed=1)):
+        _fuse_linears_on(gm, ex)
+        keys |= {n.args[1] for n in gm.graph.nodes if n.target is torch.ops.xdit.sibling_linear.default}
+    assert q.data_ptr() == ptr and keys == first   # views of the joined weights, no copy
+    with torch.no_grad():            # a weight loaded in place is what the joined GEMM uses
+        attn.to_k.weight.mul_(2)
+    gm, ex = _capture_with_inputs(m, case.inputs())[0]
+    with torch.no_grad():
+        ref = gm(*ex)
+    _fuse_linears_on(gm, ex)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*ex)[0], ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_linears_leaves_gelu_linear_without_fuse_gelu_off():
+    """proj_mlp joins the single block's q/k/v when fuse_gelu is off (nothing else would fuse it)."""
+    case = MODELS["flux"]
+    m = case.build()
+    sizes = []
+    for gm, ex in _capture_with_inputs(m, case.inputs()):
+        sizes += _fuse_linears_on(gm, ex, fuse_gelu=False)
+    assert sizes.count(4) == m.config.num_single_layers, sizes
+
+
+def _fuse_linears_sp(rank, world):
+    import xdit_compile
+    torch._dynamo.reset()
+    res = {}
+    for name in ("flux", "wan"):
+        m = MODELS[name].build()
+        kw = MODELS[name].inputs()
+        with torch.no_grad():
+            ref = m(**kw)[0]
+            xdit_compile.parallelize(m, {"parallel": {"ulysses": 2}, "compile": {"fuse_linears": True}})
+            out = m(**kw)[0]
+        res[name] = ((out - ref).abs().max().item(), m._xdit_compiler.reports[0]["fused"].get("linears"))
+    return res
+
+
+def test_fuse_linears_under_ulysses():
+    """With Ulysses 2 (the eager lowering's attention ops, this rank's tokens) the joined GEMMs give the output of
+    one process: FLUX's q/k/v groups, Wan's self-attention q/k/v and cross-attention k/v."""
+    for res in run_distributed(_fuse_linears_sp, 2):
+        assert res["flux"][1] and res["wan"][1], res
+        assert max(r[0] for r in res.values()) < 1e-5, res

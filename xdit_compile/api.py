@@ -298,6 +298,10 @@ def format_reports(reports) -> str:
                          f"{_kept(a)}")
         if (rep.get("fused") or {}).get("gelu"):
             lines.append(f"  fuse_gelu: {rep['fused']['gelu']} linear + tanh-GELU pairs as one GEMM with a GELU epilogue")
+        if (rep.get("fused") or {}).get("linears"):
+            sizes = rep["fused"]["linears"]
+            lines.append(f"  fuse_linears: {len(sizes)} groups of linears of one input as one GEMM each "
+                         f"({sum(sizes)} linears)")
         if (rep.get("fused") or {}).get("norm_rope"):
             lines.append(f"  fuse_norm_rope: {rep['fused']['norm_rope']} RMSNorm + rotary pairs as one xdit::norm_rope")
         tr = rep.get("transfers") or {}

@@ -47,6 +47,7 @@ class CompileContext:
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
     fuse_gelu: bool = True             # plan.compile.fuse_gelu
     fuse_norm_rope: bool = True        # plan.compile.fuse_norm_rope
+    fuse_linears: bool = False         # plan.compile.fuse_linears
     fuse_report: dict = field(default_factory=dict)         # fuse_gelu / fuse_norm_rope: how many fused
     ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
     ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
@@ -134,6 +135,13 @@ class XditCompiler:
         self.model_class: str | None = None     # set by parallelize()
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        from .runtime import fused_linear
+        try:
+            return self._compile(gm, example_inputs)
+        finally:     # fuse_linears: parameters become views of their joined weights only once the graph is lowered
+            fused_linear.rebind_joined()
+
+    def _compile(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
                              disabled_passes=self.disabled, cfg_external=self.cfg_external,
                              cache_config=self.plan.cache, example_inputs=list(example_inputs),
@@ -148,7 +156,8 @@ class XditCompiler:
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation,
                              fuse_gelu=self.plan.compile.fuse_gelu,
-                             fuse_norm_rope=self.plan.compile.fuse_norm_rope)
+                             fuse_norm_rope=self.plan.compile.fuse_norm_rope,
+                             fuse_linears=self.plan.compile.fuse_linears)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

@@ -12,6 +12,7 @@ import torch.fx as fx
 from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .fuse_gelu import fuse_gelu_pass
+from .fuse_linears import fuse_linears_pass
 from .fuse_norm_rope import fuse_norm_rope_pass
 from .insert_cache_skip import insert_cache_skip_pass
 from .rewrite_attention import rewrite_attention_pass
@@ -48,8 +49,11 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("rewrite_attention", rewrite_attention_pass))
         if ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1:
             passes.append(("decompose_ulysses", decompose_ulysses_pass))
-            if getattr(ctx, "all_to_all", "nccl") == "copy_engine":
-                passes.append(("schedule_transfers", schedule_transfers_pass))
+    if getattr(ctx, "fuse_linears", False):   # before schedule_transfers, which places the transfers around it
+        passes.append(("fuse_linears", fuse_linears_pass))
+    if sp_rewrite and ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1 \
+            and getattr(ctx, "all_to_all", "nccl") == "copy_engine":
+        passes.append(("schedule_transfers", schedule_transfers_pass))
     if getattr(ctx, "fuse_gelu", False):
         passes.append(("fuse_gelu", fuse_gelu_pass))
     cache = getattr(ctx, "cache_config", None)

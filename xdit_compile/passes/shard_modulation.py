@@ -126,25 +126,30 @@ def _rewrite(g: fx.Graph, lins: list[fx.Node], num: int, rank: int, group: str, 
     return int(v.numel() * v.element_size() * (num - 1)) if isinstance(v, torch.Tensor) else 0
 
 
+def real_tensor(gm: fx.GraphModule, node, ctx):
+    """The real tensor behind a parameter node (get_attr, or a placeholder with ctx.example_inputs), or None where
+    it is not at hand (fake or meta: an abstract trace)."""
+    if node is None:
+        return None
+    if node.op == "get_attr":
+        t = gm
+        for part in node.target.split("."):
+            t = getattr(t, part, None)
+    elif node.op == "placeholder":
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        inputs = list(getattr(ctx, "example_inputs", None) or ())
+        t = inputs[placeholders.index(node)] if len(inputs) == len(placeholders) else None
+    else:
+        t = None
+    fake = isinstance(t, torch._subclasses.FakeTensor)
+    return t if isinstance(t, torch.Tensor) and not fake and t.device.type != "meta" else None
+
+
 def _fused_weights(gm: fx.GraphModule, lins: list[fx.Node], num: int, ctx):
     """compile.fuse_modulation: the key of this rank's rows of every member's weight and bias, concatenated once
     (runtime/fused_linear.py), or None where the real tensors are not at hand (then one linear per member)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = list(getattr(ctx, "example_inputs", None) or ())
-
     def real(node):
-        if node is None:
-            return None
-        if node.op == "get_attr":
-            t = gm
-            for part in node.target.split("."):
-                t = getattr(t, part, None)
-        elif node.op == "placeholder" and len(inputs) == len(placeholders):
-            t = inputs[placeholders.index(node)]
-        else:
-            t = None
-        fake = isinstance(t, torch._subclasses.FakeTensor)
-        return t if isinstance(t, torch.Tensor) and not fake and t.device.type != "meta" else None
+        return real_tensor(gm, node, ctx)
 
     ws, bs, rows = [], [], []
     for lin in lins:

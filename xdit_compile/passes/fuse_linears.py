@@ -1,0 +1,101 @@
+"""fuse_linears_pass: linears that read the same input become one GEMM over their joined weights.
+
+    before:  q = linear(x, wq, bq) ; k = linear(x, wk, bk) ; v = linear(x, wv, bv)
+    after:   y = xdit.sibling_linear(x, key)        (at q's place; key: wq|wk|wv and bq|bk|bv joined, see below)
+             q = narrow(y, -1, 0, nq) ; k = narrow(y, -1, nq, nk) ; v = narrow(y, -1, nq + nk, nv)
+
+Why: under sequence parallelism a rank's GEMMs have few rows (FLUX 1024² ulysses 4: 1024 image, 128 text tokens),
+and three narrow GEMMs fill the GPU worse than one wide one. One H200 (benchmarks/results/gemm_fusion.md): FLUX's
+text q/k/v at 256 rows 56.3 -> 26.5 us, at 128 rows 66.3 -> 23.3; image q/k/v at 2048 rows 179.9 -> 173.2; at 4096
+rows the joined GEMM is slower (314 -> 345), so there the op runs one GEMM per member into its columns of the same
+output (runtime/fused_linear.py, SPLIT_ROWS): the decision is made per call, on the real row count.
+
+Members: call_function linears of one input node, each weight a parameter (the real tensor at hand: get_attr, or
+a placeholder with the example inputs), all of one dtype, device and in_features, all with a bias or all without,
+no weight twice. A linear whose only user is a tanh-GELU is left out when compile.fuse_gelu is on (fuse_gelu makes
+it one GEMM with a GELU epilogue, which saves more: FLUX's single-block proj_mlp). Nothing the members read may be
+written in place in the graph (the fused GEMM runs at the first member's place).
+
+Weights: joined once, at compile time, and the model's parameters are rebound to views of the joined tensor
+(``param.data = joined[a:b]``), so no memory is added and weights loaded in place afterwards are seen. The graph
+calls the op with a key; the tensors live in runtime/fused_linear.py, not in the graph (like fuse_modulation).
+
+Runs after decompose_ulysses and before schedule_transfers (which then places the transfers around the fused
+GEMM), on any lowering, also without parallelism. The narrow views keep the members' full-size example values.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..runtime import fused_linear
+from .shard_modulation import _arg, _mutates, real_tensor
+
+_LINEAR = {torch._C._nn.linear, F.linear}
+_GELU = {torch._C._nn.gelu, F.gelu}
+
+
+def fuse_linears_pass(gm: fx.GraphModule, ctx) -> bool:
+    g = gm.graph
+    mutated = {n.args[0] for n in g.nodes if _mutates(n) and n.args and isinstance(n.args[0], fx.Node)}
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in g.nodes:
+        if n.op == "call_function" and n.target in _LINEAR and isinstance(n.args[0], fx.Node) \
+                and not _before_gelu(n, ctx) and n.args[0] not in mutated:
+            groups.setdefault(n.args[0], []).append(n)
+    fused = []
+    for x, lins in groups.items():
+        lins = _members(gm, lins, mutated, ctx)
+        if len(lins) < 2:
+            continue
+        ws = [real_tensor(gm, _arg(n, 1, "weight"), ctx) for n in lins]
+        bs = [real_tensor(gm, _arg(n, 2, "bias"), ctx) for n in lins]
+        key = fused_linear.hold_siblings(ws, None if bs[0] is None else bs)
+        with g.inserting_before(lins[0]):
+            y = g.call_function(torch.ops.xdit.sibling_linear.default, (x, key))
+        vals = [n.meta.get("example_value") for n in lins]
+        if all(isinstance(v, torch.Tensor) for v in vals):
+            with getattr(vals[0], "fake_mode", None) or contextlib.nullcontext():
+                y.meta["example_value"] = torch.cat(vals, -1)
+        off = 0
+        for n, w in zip(lins, ws):
+            with g.inserting_before(lins[0] if n is lins[0] else n):
+                piece = g.call_function(torch.narrow, (y, -1, off, w.shape[0]))
+            piece.meta = dict(n.meta)
+            n.replace_all_uses_with(piece)
+            g.erase_node(n)
+            off += w.shape[0]
+        fused.append(len(lins))
+    if hasattr(ctx, "fuse_report"):
+        ctx.fuse_report["linears"] = fused
+    return bool(fused)
+
+
+def _before_gelu(n: fx.Node, ctx) -> bool:
+    if not getattr(ctx, "fuse_gelu", False) or len(n.users) != 1:
+        return False
+    u = next(iter(n.users))
+    return u.op == "call_function" and u.target in _GELU and _arg(u, 1, "approximate") == "tanh"
+
+
+def _members(gm: fx.GraphModule, lins: list[fx.Node], mutated: set, ctx) -> list[fx.Node]:
+    """The linears of one input that can be joined: those like the first one that qualifies."""
+    out, seen, sig = [], set(), None
+    for n in lins:
+        wn, bn = _arg(n, 1, "weight"), _arg(n, 2, "bias")
+        if len(n.args) + len(n.kwargs) > 3 or not isinstance(wn, fx.Node) or wn in seen or wn in mutated \
+                or (bn is not None and (not isinstance(bn, fx.Node) or bn in mutated)):
+            continue
+        w, b = real_tensor(gm, wn, ctx), real_tensor(gm, bn, ctx)
+        if w is None or w.dim() != 2 or (bn is not None and (b is None or b.shape != w.shape[:1])):
+            continue
+        s = (w.dtype, w.device, w.shape[1], bn is None, None if b is None else b.dtype)
+        if sig is None:
+            sig = s
+        if s == sig:
+            out.append(n)
+            seen.add(wn)
+    return out
