@@ -36,7 +36,8 @@ Methods:
              xdit_cg_ce_fmg = xdit_cg_ce_fm + compile.fuse_gelu = true (MLP linear + tanh-GELU as one cuBLASLt GEMM
              with a GELU epilogue). fuse_gelu is the default since session 11, so every xdit row has it unless
              its method turns it off (xdit_cg_ce_fm_nog: xdit_cg_ce_fm without it, the A/B of session 11);
-             xdit_cg_ce_fm_fl = xdit_cg_ce_fm + compile.fuse_linears = true (linears of one input as one GEMM);
+             xdit_cg_ce_fm_fl = xdit_cg_ce_fm + compile.fuse_linears = true (linears of one input as one GEMM; the
+             default since session 16, so xdit_cg_ce_fm has it too), xdit_cg_ce_fm_nol with it off;
              xdit_cg_ce_c2 / _c3 / _c5 the same with compile.ulysses_chunks = 2 / 3 / 5 (attention per head chunk, each
              chunk's transfers beside the neighbouring chunk's attention)
   xdit_cg_nomod  xdit_cg with compile.shard_modulation = false: every rank computes the AdaLN modulation linears
@@ -116,6 +117,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                      "fuse_modulation": True, "fuse_norm_rope": False},
                 "xdit_cg_ce_fm_fl": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                      "fuse_modulation": True, "fuse_linears": True},
+                "xdit_cg_ce_fm_nol": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                      "fuse_modulation": True, "fuse_linears": False},
                 "xdit_cg_ce_fc2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                    "fuse_modulation": True, "ulysses_chunks": 2},
                 "xdit_cg_ce_c2": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -138,7 +141,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -791,6 +794,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                     "no norm_rope kernel)",
                 "xdit_cg_ce_fm_fl": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                     "q/k/v as one GEMM)",
+                "xdit_cg_ce_fm_nol": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
+                                     "q/k/v as separate GEMMs)",
                 "xdit_cg_ce_fc2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                   "2 head chunks)",
                 "xdit_cg_ce_c2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 2 head chunks)",

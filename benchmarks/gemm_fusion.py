@@ -4,8 +4,7 @@
 
 FLUX.1-dev, 1024² (4096 image + 512 text tokens), per rank under ulysses N: double blocks' image stream
 (4096/N tokens: to_q, to_k, to_v), their text stream (512/N: add_q/k/v_proj), single blocks (4608/N: to_q, to_k,
-to_v, proj_mlp), and the project's op (xdit.sibling_linear: the joined GEMM, or one GEMM per member
-writing its columns of one output). bf16, bias on, CUDA events, median of 20 timings of 10 back-to-back calls each.
+to_v, proj_mlp), and the project's op (xdit.sibling_linear: the joined GEMM). bf16, bias on, CUDA events, median of 20 timings of 10 back-to-back calls each.
 """
 from __future__ import annotations
 
@@ -45,11 +44,9 @@ def case(m, k, ns, groups):
     rows = []
     from xdit_compile.runtime import fused_linear
     key = fused_linear.hold_siblings(ws, bs)
-    fused_linear.rebind_joined()
-    for name, split in (("xdit.sibling_linear, joined", 1 << 30), ("xdit.sibling_linear, split", 0)):
-        fused_linear.SPLIT_ROWS = split
-        us = timed(lambda: torch.ops.xdit.sibling_linear(x, key))
-        rows.append((name, us, flops / us / 1e6))
+    fused_linear.join_pending()
+    us = timed(lambda: torch.ops.xdit.sibling_linear(x, key))
+    rows.append(("xdit.sibling_linear", us, flops / us / 1e6))
     for name, part in groups:
         mats = [(torch.cat([ws[i] for i in g]), torch.cat([bs[i] for i in g])) for g in part]
         us = timed(lambda: [F.linear(x, w, b) for w, b in mats])

@@ -47,7 +47,7 @@ class CompileContext:
     transfer_report: dict = field(default_factory=dict)     # schedule_transfers: linears split, nodes moved
     fuse_gelu: bool = True             # plan.compile.fuse_gelu
     fuse_norm_rope: bool = True        # plan.compile.fuse_norm_rope
-    fuse_linears: bool = False         # plan.compile.fuse_linears
+    fuse_linears: bool = True          # plan.compile.fuse_linears
     fuse_report: dict = field(default_factory=dict)         # fuse_gelu / fuse_norm_rope: how many fused
     ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
     ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
@@ -139,7 +139,7 @@ class XditCompiler:
         try:
             return self._compile(gm, example_inputs)
         finally:     # fuse_linears: parameters become views of their joined weights only once the graph is lowered
-            fused_linear.rebind_joined()
+            fused_linear.join_pending()
 
     def _compile(self, gm: fx.GraphModule, example_inputs):
         ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,

@@ -6,9 +6,8 @@
 
 Why: under sequence parallelism a rank's GEMMs have few rows (FLUX 1024² ulysses 4: 1024 image, 128 text tokens),
 and three narrow GEMMs fill the GPU worse than one wide one. One H200 (benchmarks/results/gemm_fusion.md): FLUX's
-text q/k/v at 256 rows 56.3 -> 26.5 us, at 128 rows 66.3 -> 23.3; image q/k/v at 2048 rows 179.9 -> 173.2; at 4096
-rows the joined GEMM is slower (314 -> 345), so there the op runs one GEMM per member into its columns of the same
-output (runtime/fused_linear.py, SPLIT_ROWS): the decision is made per call, on the real row count.
+text q/k/v at 256 rows 47-56 -> 26-32 us, at 128 rows 45-66 -> 21-33; with 1024 rows or more the two are within
+the run-to-run spread (+-10%). The FLUX 1024² step at ulysses 2 on 2 x H200: 70.9 -> 70.0 ms.
 
 Members: call_function linears of one input node, each weight a parameter (the real tensor at hand: get_attr, or
 a placeholder with the example inputs), all of one dtype, device and in_features, all with a bias or all without,
@@ -16,9 +15,10 @@ no weight twice. A linear whose only user is a tanh-GELU is left out when compil
 it one GEMM with a GELU epilogue, which saves more: FLUX's single-block proj_mlp). Nothing the members read may be
 written in place in the graph (the fused GEMM runs at the first member's place).
 
-Weights: joined once, at compile time, and the model's parameters are rebound to views of the joined tensor
-(``param.data = joined[a:b]``), so no memory is added and weights loaded in place afterwards are seen. The graph
-calls the op with a key; the tensors live in runtime/fused_linear.py, not in the graph (like fuse_modulation).
+Weights: joined right after the graph is lowered (runtime/fused_linear.py, join_pending), one group at a time, and
+the model's parameters are rebound to views of the joined tensor (``param.data = joined[a:b]``), so no memory is
+added and weights loaded in place afterwards are used. A later compile finds them joined and takes views. The
+graph calls the op with a key; the tensors live in runtime/fused_linear.py, not in the graph (like fuse_modulation).
 
 Runs after decompose_ulysses and before schedule_transfers (which then places the transfers around the fused
 GEMM), on any lowering, also without parallelism. The narrow views keep the members' full-size example values.

@@ -222,12 +222,12 @@ class CompileConfig:
     ``xdit::norm_rope`` call: on CUDA one Triton kernel that reads q once and writes it once (one H100: FLUX 2048²
     single-block q at ulysses 4 40.3 -> 21.4 us; the step on 4 x H100 190.6 -> 186.7 ms, 1024² 39.5 -> 38.5).
     Rounds where eager rounds. Elsewhere the same math in torch ops."""
-    fuse_linears: bool = False
+    fuse_linears: bool = True
     """Linears that read the same input (q / k / v projections; FLUX's text-stream add_q / k / v) run as one GEMM
-    over their weights joined at compile time (``xdit::sibling_linear``); the model's parameters become views of
-    the joined tensor, so no memory is added. Helps where a rank's GEMMs have few rows (one H200, FLUX text q/k/v
-    at 256 rows: 56.3 -> 26.5 us); at 4096 rows or more (CUDA) the op runs one GEMM per member into the same
-    output, where the joined GEMM was slower. Any lowering, also without parallelism."""
+    over their weights joined once, right after lowering (``xdit::sibling_linear``); the model's parameters become
+    views of the joined tensor, so no memory is added. Helps where a rank's GEMMs have few rows (one H200, FLUX
+    text q/k/v at 256 rows: ~50 -> ~30 us); FLUX 1024² ulysses 2 on 2 x H200: 70.9 -> 70.0 ms/step. Any lowering,
+    also without parallelism."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""

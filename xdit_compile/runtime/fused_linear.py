@@ -24,8 +24,10 @@ _SOURCES: dict[str, list] = {}     # key -> weak references to the tensors it wa
 
 def _drop_dead() -> None:
     for k in [k for k, refs in _SOURCES.items() if any(r() is None for r in refs)]:
-        del _HELD[k], _SOURCES[k]          # made from tensors that are gone (a model that was dropped)
-        _WIDTHS.pop(k, None)
+        _HELD.pop(k, None)
+        del _SOURCES[k]                    # made from tensors that are gone (a model that was dropped)
+        _PENDING.pop(k, None)
+        _SHAPES.pop(k, None)
 
 
 def hold(weights: list[Tensor], biases: list[Tensor | None], rows: list[tuple[int, int]]) -> str:
@@ -61,88 +63,84 @@ def _(x: Tensor, key: str) -> Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-SPLIT_ROWS = 4096
-"""xdit.sibling_linear: inputs of at least this many rows run one GEMM per member, each writing its
-columns of the joined output, instead of one GEMM over the joined weight (one H200, FLUX q/k/v 3072 -> 3 x 3072:
-at 4096 rows the joined GEMM took 345 us against 314 for three, at 2048 rows 173 against 180, at 256 rows 27
-against 56: benchmarks/results/gemm_fusion.md)."""
-_WIDTHS: dict[str, list[int]] = {}
+_PENDING: dict[str, tuple[list[Tensor], list[Tensor] | None]] = {}   # joined by join_pending, after lowering
+_SHAPES: dict[str, tuple[int, ...]] = {}                               # key -> the joined weight's shape
 
 
-_REBIND: dict[tuple, tuple[list[Tensor], Tensor]] = {}   # joined, not yet rebound (see rebind_joined)
-
-
-def _joined(ts: list[Tensor]) -> Tensor:
-    """One tensor whose row blocks are ts. Where they already lie back to back in one storage (a later compile of
-    the same model) it is a view of it. Otherwise a copy; ``rebind_joined`` then makes each t a view of its block
-    (``t.data = ...``), so no memory is added and weights loaded in place later land in the joined tensor."""
+def _adjacent(ts: list[Tensor]) -> Tensor | None:
+    """The tensor whose row blocks are ts, where they already lie back to back in one storage (a later compile of
+    the same model, after join_pending), as a view; else None."""
     t0 = ts[0]
     st, off = t0.untyped_storage(), t0.storage_offset()
     rows = sum(t.shape[0] for t in ts)
-    if all(t.is_contiguous() and t.untyped_storage().data_ptr() == st.data_ptr() and t.dtype == t0.dtype
-           and t.storage_offset() == off + sum(u.numel() for u in ts[:i]) for i, t in enumerate(ts)) \
-            and off + rows * t0[0].numel() <= st.nbytes() // t0.element_size():
+    if all(t.is_contiguous() and t.dtype == t0.dtype and t.shape[1:] == t0.shape[1:]
+           and t.untyped_storage().data_ptr() == st.data_ptr()
+           and t.storage_offset() == off + sum(u.numel() for u in ts[:i]) for i, t in enumerate(ts)):
         return t0.new_empty(0).set_(st, off, (rows, *t0.shape[1:]))
-    key = tuple(id(t) for t in ts)
-    if key not in _REBIND:          # another program of the same compile (pipefusion) joins the same weights once
-        _REBIND[key] = (ts, torch.cat(ts))
-    return _REBIND[key][1]
-
-
-def rebind_joined() -> int:
-    """Make the joined weights' sources views of them; the backend calls it once the graph is lowered (Inductor
-    made its fake inputs from the parameters as dynamo traced them, storage offset included). Returns how many."""
-    n = 0
-    for ts, j in _REBIND.values():
-        a = 0
-        for t in ts:
-            t.data = j[a:a + t.shape[0]]
-            a += t.shape[0]
-            n += 1
-    _REBIND.clear()
-    return n
+    return None
 
 
 def hold_siblings(weights: list[Tensor], biases: list[Tensor] | None) -> str:
     """compile.fuse_linears: the weights (and biases) of linears that read the same input, joined along the output
-    features (no copy kept: see _joined); returns the key ``xdit.sibling_linear`` takes."""
-    with torch.no_grad():
-        w = _joined(weights)
-        b = None if biases is None else _joined(biases)
-    key = f"sib|{w.data_ptr():x}|{w.shape[0]}|{'' if b is None else f'{b.data_ptr():x}'}"
+    features; returns the key ``xdit.sibling_linear`` takes. Where they are not yet one tensor, the join waits for
+    ``join_pending`` (the backend calls it once the graph is lowered)."""
     _drop_dead()
-    _HELD[key] = (w, b)
+    key = f"sib|{weights[0].data_ptr():x}|{sum(w.shape[0] for w in weights)}|" \
+          f"{'' if biases is None else f'{biases[0].data_ptr():x}'}"
+    w = _adjacent(weights)
+    b = None if biases is None else _adjacent(biases)
+    if w is not None and (biases is None or b is not None):
+        _HELD[key] = (w, b)
+    else:
+        _PENDING[key] = (weights, biases)
     _SOURCES[key] = [weakref.ref(t) for t in (*weights, *(biases or ()))]
-    _WIDTHS[key] = [t.shape[0] for t in weights]
+    _SHAPES[key] = (sum(t.shape[0] for t in weights), *weights[0].shape[1:])
     return key
+
+
+def join_pending() -> int:
+    """Join each pending group into one new tensor and make its sources views of it (``t.data = joined[a:b]``):
+    the old storage goes, so memory grows by one group at a time and not at all after, and weights loaded in
+    place later land in the joined tensor. Only after lowering: Inductor makes its fake inputs from the
+    parameters as dynamo traced them, storage offset included. Returns how many groups were joined."""
+    done = 0
+    with torch.no_grad():
+        for key, (ws, bs) in list(_PENDING.items()):
+            joined = []
+            for ts in (ws, bs):
+                if ts is None:
+                    joined.append(None)
+                    continue
+                j = _adjacent(ts)     # a group of another program of the same compile (pipefusion) joined them
+                if j is None:
+                    j = torch.cat(ts)
+                    a = 0
+                    for t in ts:
+                        t.data = j[a:a + t.shape[0]]
+                        a += t.shape[0]
+                joined.append(j)
+            _HELD[key] = (joined[0], joined[1])
+            del _PENDING[key]
+            done += 1
+    return done
 
 
 @torch.library.custom_op("xdit::sibling_linear", mutates_args=())
 def sibling_linear(x: Tensor, key: str) -> Tensor:
-    """``cat([linear(x, w_i, b_i) for i], -1)`` of linears that read the same x (passes/fuse_linears.py)."""
+    """``cat([linear(x, w_i, b_i) for i], -1)`` of linears that read the same x, as one GEMM over their joined
+    weights (passes/fuse_linears.py)."""
+    if key in _PENDING:
+        join_pending()
     if key not in _HELD:
         raise RuntimeError("xdit.sibling_linear: the weights this graph was compiled with are gone (the model was "
                            "dropped); compile the model again")
     w, b = _HELD[key]
-    k = x.shape[-1]
-    if x.numel() < SPLIT_ROWS * k:
-        return F.linear(x, w, b)
-    y = x.new_empty((*x.shape[:-1], w.shape[0]))
-    x2, y2 = x.reshape(-1, k), y.view(-1, w.shape[0])
-    a = 0
-    for n in _WIDTHS[key]:     # cuBLAS writes a column block of y in place (row stride = all members' width)
-        if b is None:
-            torch.mm(x2, w[a:a + n].t(), out=y2[:, a:a + n])
-        else:
-            torch.addmm(b[a:a + n], x2, w[a:a + n].t(), out=y2[:, a:a + n])
-        a += n
-    return y
+    return F.linear(x, w, b)
 
 
 @sibling_linear.register_fake
 def _(x: Tensor, key: str) -> Tensor:
-    w, _ = _HELD[key]
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+    return x.new_empty((*x.shape[:-1], _SHAPES[key][0]))
 
 
 def linear_gelu_tanh(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
