@@ -1,4 +1,4 @@
-"""Memory of compile.fuse_linears on one GPU: FLUX.1-dev config (random bf16 weights), 1024², Inductor, without and
+"""Memory of compile.fuse_linears on one GPU: FLUX.1-dev config (random bf16 weights), 1024², Inductor (--lowering), without and
 with the joined q/k/v weights (each setting in its own process: peaks are per process).
 
     CUDA_VISIBLE_DEVICES=0 python benchmarks/fuse_linears_memory.py --md $OUT/fuse_linears_memory.md
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def one(fuse: bool, model: str) -> dict:
+def one(fuse: bool, model: str, lowering: str) -> dict:
     import torch
 
     import xdit_compile
@@ -31,7 +31,7 @@ def one(fuse: bool, model: str) -> dict:
     built = torch.cuda.memory_allocated() / gib
     with torch.no_grad():
         ref = m(**kw)[0]
-        xdit_compile.parallelize(m, {"compile": {"lowering": "inductor", "fuse_linears": fuse}})
+        xdit_compile.parallelize(m, {"compile": {"lowering": lowering, "fuse_linears": fuse}})
         times = []
         for i in range(8):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,20 +54,21 @@ def main():
     ap.add_argument("--md", default="fuse_linears_memory.md")
     ap.add_argument("--model", default="flux1024")
     ap.add_argument("--one", choices=["on", "off"])
+    ap.add_argument("--lowering", default="inductor")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one == "on", args.model)))
+        print(json.dumps(one(args.one == "on", args.model, args.lowering)))
         return
     rows = []
     for s in ("off", "on"):
-        p = subprocess.run([sys.executable, __file__, "--one", s, "--model", args.model], capture_output=True,
+        p = subprocess.run([sys.executable, __file__, "--one", s, "--model", args.model, "--lowering", args.lowering], capture_output=True,
                            text=True, timeout=280)
         if p.returncode:
             print(p.stderr[-3000:])
             continue
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     import torch
-    lines = [f"# compile.fuse_linears: memory, one {torch.cuda.get_device_name()} ({args.model}, Inductor, 1 GPU)", "",
+    lines = [f"# compile.fuse_linears: memory, one {torch.cuda.get_device_name()} ({args.model}, lowering {args.lowering}, 1 GPU)", "",
              "| fuse_linears | groups joined | GiB after build | GiB after compile + calls | peak GiB | ms/call | "
              "rel err vs eager |", "|---|---|---|---|---|---|---|"]
     for r in rows:
