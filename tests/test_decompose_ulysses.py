@@ -336,7 +336,9 @@ CASES = {
     "wan": {"model": "wan", "size": {}, "compile": {}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
     # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
-    "flux_ce": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "copy_engine", "fuse_gelu": False}},
+    # (fuse_linears off: the schedule test checks that k's transfer runs while q is projected)
+    "flux_ce": {"model": "flux", "size": {"text_len": 8},
+                "compile": {"all_to_all": "copy_engine", "fuse_gelu": False, "fuse_linears": False}},
     "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
     # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,

@@ -393,6 +393,20 @@ def test_fuse_linears_pass_flux():
         torch.testing.assert_close(after, m(**case.inputs(seed=1))[0], rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_linears_only_few_rows(monkeypatch):
+    """Groups of more rows per rank than MAX_ROWS stay separate GEMMs: tiny FLUX (7 text, 24 image, 31 joint
+    tokens) with MAX_ROWS 8 joins only the text stream's add_q/k/v."""
+    from xdit_compile.passes import fuse_linears
+
+    monkeypatch.setattr(fuse_linears, "MAX_ROWS", 8)
+    case = MODELS["flux"]
+    m = case.build()
+    sizes = []
+    for gm, ex in _capture_with_inputs(m, case.inputs()):
+        sizes += _fuse_linears_on(gm, ex)
+    assert sizes == [3] * m.config.num_layers, sizes
+
+
 def test_fuse_linears_leaves_gelu_linear_without_fuse_gelu_off():
     """proj_mlp joins the single block's q/k/v when fuse_gelu is off (nothing else would fuse it)."""
     case = MODELS["flux"]

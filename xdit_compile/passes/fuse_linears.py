@@ -4,10 +4,13 @@
     after:   y = xdit.sibling_linear(x, key)        (at q's place; key: wq|wk|wv and bq|bk|bv joined, see below)
              q = narrow(y, -1, 0, nq) ; k = narrow(y, -1, nq, nk) ; v = narrow(y, -1, nq + nk, nv)
 
+Only groups of at most MAX_ROWS rows per rank: a per-shape rule, from the measurements below.
+
 Why: under sequence parallelism a rank's GEMMs have few rows (FLUX 1024² ulysses 4: 1024 image, 128 text tokens),
 and three narrow GEMMs fill the GPU worse than one wide one. One H200 (benchmarks/results/gemm_fusion.md): FLUX's
 text q/k/v at 256 rows 47-56 -> 26-32 us, at 128 rows 45-66 -> 21-33; with 1024 rows or more the two are within
-the run-to-run spread (+-10%). The FLUX 1024² step at ulysses 2 on 2 x H200: 70.9 -> 70.0 ms.
+the run-to-run spread (+-10%). Whole steps on 2 x H200 with every group joined: FLUX 1024² ulysses 2 (2048 / 256 /
+2304 rows) 70.9 -> 70.0 ms, FLUX 2048² ulysses 2 (8192 / 256 / 8448 rows) 357.6 -> 361.2 ms, hence MAX_ROWS.
 
 Members: call_function linears of one input node, each weight a parameter (the real tensor at hand: get_attr, or
 a placeholder with the example inputs), all of one dtype, device and in_features, all with a bias or all without,
@@ -35,6 +38,10 @@ from ..runtime import fused_linear
 from .shard_modulation import _arg, _mutates, real_tensor
 
 _LINEAR = {torch._C._nn.linear, F.linear}
+MAX_ROWS = 2560
+"""Only groups whose input has at most this many rows on this rank (after sequence sharding) are joined: below it
+the joined GEMM was as fast or faster in every measurement, above it slower or within the noise (FLUX 2048²
+ulysses 2, 8192 image rows per rank: 357.6 -> 361.2 ms/step with every group joined)."""
 _GELU = {torch._C._nn.gelu, F.gelu}
 
 
@@ -49,7 +56,7 @@ def fuse_linears_pass(gm: fx.GraphModule, ctx) -> bool:
     fused = []
     for x, lins in groups.items():
         lins = _members(gm, lins, mutated, ctx)
-        if len(lins) < 2:
+        if len(lins) < 2 or _local_rows(x, ctx) > MAX_ROWS:
             continue
         ws = [real_tensor(gm, _arg(n, 1, "weight"), ctx) for n in lins]
         bs = [real_tensor(gm, _arg(n, 2, "bias"), ctx) for n in lins]
@@ -72,6 +79,27 @@ def fuse_linears_pass(gm: fx.GraphModule, ctx) -> bool:
     if hasattr(ctx, "fuse_report"):
         ctx.fuse_report["linears"] = fused
     return bool(fused)
+
+
+def _local_rows(x: fx.Node, ctx) -> float:
+    """Rows of x (all dims but the last) on this rank: token dims at their local size; inf where unknown."""
+    v = x.meta.get("example_value")
+    if not isinstance(v, torch.Tensor) or v.dim() < 1:
+        return float("inf")
+    sizes = list(v.shape[:-1])
+    shard = getattr(ctx, "shard", None)
+    dims = shard.an.dims.get(x) if shard is not None else None
+    if isinstance(dims, list) and len(dims) == v.dim():
+        sizes = [shard.local_size(c) if shard.sharded(c) else s for c, s in zip(dims, sizes)]
+    rows = 1
+    for s in sizes:
+        if not isinstance(s, int):
+            try:
+                s = int(s)
+            except (TypeError, ValueError):   # an unbacked symbolic size
+                return float("inf")
+        rows *= s
+    return rows
 
 
 def _before_gelu(n: fx.Node, ctx) -> bool:
