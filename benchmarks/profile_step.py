@@ -6,7 +6,9 @@
 
 Kinds (by kernel name): communication (nccl), attention (flash / cudnn / fmha kernels), matmul (gemm, cutlass,
 nvjet, sm90 kernels), fused elementwise (Inductor's triton kernels), other. "idle" = wall time per step minus
-the GPU kernel time of rank 0's stream work: time the GPU waited on the CPU (launches) or on nothing.
+the GPU kernel time of rank 0's stream work: time the GPU waited on the CPU (launches) or on nothing. "no compute
+running" = wall time per step minus the union of compute kernels over all streams (CUDA graphs spread one stream's
+kernels over several, so the plain sum can exceed the wall time).
 The NCCL kernel time includes waiting for the slowest rank, so it is an upper bound of the wire time.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ def kind(name: str) -> str:
     low = name.lower()
     if low.startswith("triton_"):   # Inductor names kernels after the ops it fused (e.g. "..._ulysses_attention_...")
         return "fused elementwise (triton)"
+    if low.startswith("memcpydtod"):  # the driver's 2-D copy inside one GPU is a kernel on the SMs, not a copy engine
+        return "layout copies (aten copy / cat)"
     for k, keys in KINDS:
         if any(s in low for s in keys):
             return k
@@ -152,6 +156,12 @@ def main():
         for k, us in sorted(per.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {k} | {us / 1e3:.1f} | {us / 1e3 / wall:.0%} |")
         lines.append(f"| idle (GPU waits) | {max(wall - busy, 0):.1f} | {max(wall - busy, 0) / wall:.0%} |")
+        if device.type == "cuda":
+            union = compute_union([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                                   if e.device_type.name == "CUDA" and not e.name.startswith("## ")]) / 1e3 / args.steps
+            lines += ["", f"compute kernels on any stream, as a union: {union:.1f} ms/step; no compute running: "
+                      f"{max(wall - union, 0):.1f} ms/step (transfers and barrier waits with nothing beside them, "
+                      "launch gaps)"]
         lines += ["", f"CPU time of one call (no sync, median of 5): {sorted(cpu_ms)[2]:.1f} ms; "
                   f"5 calls back to back: {loop_ms:.1f} ms/call (unprofiled)"]
         lines += gaps(prof, device, args.steps) + skew_lines
@@ -246,6 +256,26 @@ def skew(prof, device, steps, smi) -> list[str]:
     lines += ["", f"slower ranks cost rank 0 between {whole / 1e3 / steps:.2f} (whole step) and "
               f"{per_kernel / 1e3 / steps:.2f} ms/step (kernel by kernel)"]
     return lines
+
+
+NOT_COMPUTE = (CE, "symm-mem barrier")
+
+
+def compute_union(kernels) -> float:
+    """us covered by at least one compute kernel: kernels = (start us, end us, name) on any stream; copies, memsets
+    and barrier kernels (they wait) do not count. Under CUDA graphs the kernels of one logical stream run on several
+    streams, so the sum of kernel times is not the busy time; this is."""
+    iv = sorted((a, b) for a, b, name in kernels
+                if b > a and kind(name) not in NOT_COMPUTE and not name.lower().startswith("memset"))
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in iv:
+        if cur_b is not None and a <= cur_b:
+            cur_b = max(cur_b, b)
+            continue
+        if cur_b is not None:
+            total += cur_b - cur_a
+        cur_a, cur_b = a, b
+    return total + (cur_b - cur_a if cur_b is not None else 0.0)
 
 
 def gaps(prof, device, steps):

@@ -62,3 +62,15 @@ def test_call_unwraps_nested_outputs():
     x = torch.arange(6.0).reshape(2, 3)
     for ret in (x, (x,), ((x,),), Transformer2DModelOutput(sample=x), [Transformer2DModelOutput(sample=x)]):
         assert bench.Worker.call(None, lambda **kw: ret, {}) is x
+
+
+def test_profile_compute_union():
+    """profile_step's busy time: overlapping compute kernels count once, barrier kernels, copies and memsets not."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step as ps
+
+    ks = [(0, 10, "nvjet_sm90_gemm"), (5, 15, "cudnn_sdpa_fprop"), (20, 30, "triton_poi_fused_add"),
+          (30, 50, "c10d::symmetric_memory::barrier_kernel"), (40, 60, "Memcpy PtoP (Device -> Device)"),
+          (60, 61, "Memset (Unknown)"), (70, 70, "nvjet_empty")]
+    assert ps.compute_union(ks) == 25.0
+    assert ps.compute_union([]) == 0.0
