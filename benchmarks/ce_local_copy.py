@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def timed(fn, reps=50, samples=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(samples):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / reps * 1e3)
-    return statistics.median(out)
+from gpu_util import timed_us  # noqa: E402
 
 
 def main():
@@ -57,12 +43,12 @@ def main():
                 dst = torch.empty(s, heads, d, device="cuda", dtype=torch.bfloat16)
                 sv, dv = src, dst[:, :h]
             width = h * d * e
-            drv = timed(lambda: ce_a2a._memcpy2d(dv.data_ptr(), dv.stride(0) * e, sv.data_ptr(), sv.stride(0) * e,
-                                                 width, s, stream))
+            drv = timed_us(lambda: ce_a2a._memcpy2d(dv.data_ptr(), dv.stride(0) * e, sv.data_ptr(), sv.stride(0) * e,
+                                                 width, s, stream), reps=50)
             dst.zero_()
             ce_a2a._memcpy2d(dv.data_ptr(), dv.stride(0) * e, sv.data_ptr(), sv.stride(0) * e, width, s, stream)
             ok1 = torch.equal(dv, sv)
-            tc = timed(lambda: dv.copy_(sv))
+            tc = timed_us(lambda: dv.copy_(sv), reps=50)
             dst.zero_()
             dv.copy_(sv)
             ok2 = torch.equal(dv, sv)

@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def timed(fn, reps=10, samples=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(samples):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / reps * 1e3)
-    return statistics.median(out)   # us per call
+from gpu_util import timed_us  # noqa: E402
 
 
 def case(m, k, ns, groups):
@@ -45,11 +31,11 @@ def case(m, k, ns, groups):
     from xdit_compile.runtime import fused_linear
     key = fused_linear.hold_siblings(ws, bs)
     fused_linear.join_pending()
-    us = timed(lambda: torch.ops.xdit.sibling_linear(x, key))
+    us = timed_us(lambda: torch.ops.xdit.sibling_linear(x, key))
     rows.append(("xdit.sibling_linear", us, flops / us / 1e6))
     for name, part in groups:
         mats = [(torch.cat([ws[i] for i in g]), torch.cat([bs[i] for i in g])) for g in part]
-        us = timed(lambda: [F.linear(x, w, b) for w, b in mats])
+        us = timed_us(lambda: [F.linear(x, w, b) for w, b in mats])
         rows.append((name, us, flops / us / 1e6))
     return rows
 

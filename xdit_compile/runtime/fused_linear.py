@@ -30,6 +30,13 @@ def _drop_dead() -> None:
         _SHAPES.pop(k, None)
 
 
+def _held(key: str, op: str) -> tuple[Tensor, Tensor | None]:
+    if key not in _HELD:
+        raise RuntimeError(f"xdit.{op}: the weights this graph was compiled with are gone (the model was dropped); "
+                           "compile the model again")
+    return _HELD[key]
+
+
 def hold(weights: list[Tensor], biases: list[Tensor | None], rows: list[tuple[int, int]]) -> str:
     """Concatenate rows [a, b) of every weight (and bias; zeros where a member has none); returns the key."""
     key = "|".join(f"{w.data_ptr():x}:{a}:{b}:{'' if bi is None else f'{bi.data_ptr():x}'}"
@@ -50,10 +57,7 @@ def hold(weights: list[Tensor], biases: list[Tensor | None], rows: list[tuple[in
 
 @torch.library.custom_op("xdit::fused_linear", mutates_args=())
 def fused_linear(x: Tensor, key: str) -> Tensor:
-    if key not in _HELD:
-        raise RuntimeError("xdit.fused_linear: the weights this graph was compiled with are gone (the model was "
-                           "dropped); compile the model again")
-    w, b = _HELD[key]
+    w, b = _held(key, "fused_linear")
     return F.linear(x, w, b)
 
 
@@ -131,10 +135,7 @@ def sibling_linear(x: Tensor, key: str) -> Tensor:
     weights (passes/fuse_linears.py)."""
     if key in _PENDING:
         join_pending()
-    if key not in _HELD:
-        raise RuntimeError("xdit.sibling_linear: the weights this graph was compiled with are gone (the model was "
-                           "dropped); compile the model again")
-    w, b = _HELD[key]
+    w, b = _held(key, "sibling_linear")
     return F.linear(x, w, b)
 
 
