@@ -12,6 +12,7 @@ so a recompile (another resolution) adds no memory; a copy goes when the tensors
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -69,6 +70,7 @@ def _(x: Tensor, key: str) -> Tensor:
 
 _PENDING: dict[str, tuple[list[Tensor], list[Tensor] | None]] = {}   # joined by join_pending, after lowering
 _SHAPES: dict[str, tuple[int, ...]] = {}                               # key -> the joined weight's shape
+_COUNT = itertools.count()   # keys: an address would not do, the join frees the old storage for reuse
 
 
 def _adjacent(ts: list[Tensor]) -> Tensor | None:
@@ -89,8 +91,7 @@ def hold_siblings(weights: list[Tensor], biases: list[Tensor] | None) -> str:
     features; returns the key ``xdit.sibling_linear`` takes. Where they are not yet one tensor, the join waits for
     ``join_pending`` (the backend calls it once the graph is lowered)."""
     _drop_dead()
-    key = f"sib|{weights[0].data_ptr():x}|{sum(w.shape[0] for w in weights)}|" \
-          f"{'' if biases is None else f'{biases[0].data_ptr():x}'}"
+    key = f"sib|{next(_COUNT)}|{sum(w.shape[0] for w in weights)}x{weights[0].shape[1]}"
     w = _adjacent(weights)
     b = None if biases is None else _adjacent(biases)
     if w is not None and (biases is None or b is not None):
