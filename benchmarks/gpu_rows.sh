@@ -11,6 +11,8 @@
 set -u
 [ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
+# flash_attn.cute (attention backend "auto" picks its Hopper kernel) where the call carries .fa/ (fa_cute_env.sh)
+[ -d .fa ] && source benchmarks/fa_cute_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $R/n2/ref $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt

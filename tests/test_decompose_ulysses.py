@@ -35,14 +35,14 @@ CE_START, CE_WAIT = "xdit.a2a_start", "xdit.a2a_wait"
 # --- unit: the pass on a hand-built graph -------------------------------------------------------------
 
 
-def _graph(q_shape, k_shape, sizes, mask=False):
+def _graph(q_shape, k_shape, sizes, mask=False, backend="auto", dtype=torch.float32):
     """placeholder q, k, v (, mask) -> xdit.ulysses_attention -> output, with full-size fake meta."""
     g = fx.Graph()
     q, k, v = (g.placeholder(n) for n in "qkv")
     for node, shape in zip((q, k, v), (q_shape, k_shape, k_shape)):
-        node.meta["example_value"] = torch.empty(shape, device="meta")
+        node.meta["example_value"] = torch.empty(shape, device="meta", dtype=dtype)
     m = g.placeholder("m") if mask else None
-    att = g.call_function(ULYSSES_OP, (q, k, v, m, None, False, "g", sizes, "auto"))
+    att = g.call_function(ULYSSES_OP, (q, k, v, m, None, False, "g", sizes, backend))
     g.output(att)
     gm = fx.GraphModule(torch.nn.Module(), g)
     ctx = types.SimpleNamespace(attention_report=[{"node": "sdpa", "op_node": att.name, "became": "ulysses x2"}])
@@ -75,6 +75,23 @@ def test_simple_decomposed():
     assert targets.count("_c10d_functional.all_to_all_single.default") == 2   # q/k/v together, then out
     assert targets.count("_c10d_functional.wait_tensor.default") == 2
     assert ctx.attention_report[0]["decomposed"]
+
+
+@pytest.mark.parametrize("mode,dtype,swapped", [("nccl", torch.bfloat16, 1), ("copy_engine", torch.bfloat16, 1),
+                                                ("nccl", torch.float32, 0)])
+def test_fa3_cute_backend_decomposed_then_kernel(mode, dtype, swapped):
+    """Backend fa3_cute is decomposed like auto; attention_kernel then puts xdit.fa3_attention in place of the SDPA
+    decompose_ulysses emitted (float16 / bfloat16 only: the kernel's dtypes)."""
+    from xdit_compile.passes.attention_kernel import attention_kernel_pass
+
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4], backend="fa3_cute", dtype=dtype)
+    ctx.all_to_all, ctx.attention_backend, ctx.fuse_report = mode, "fa3_cute", {}
+    assert decompose_ulysses_pass(gm, ctx)
+    assert attention_kernel_pass(gm, ctx) == bool(swapped)
+    gm.graph.lint()
+    targets = _targets(gm)
+    assert targets.count("xdit.fa3_attention.default") == swapped == ctx.fuse_report["fa3_attention"]
+    assert sum("scaled_dot_product_attention" in t for t in targets) == 1 - swapped
 
 
 def _usp_graph(sizes, mode="nccl"):

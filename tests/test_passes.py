@@ -438,3 +438,57 @@ def test_fuse_linears_under_ulysses():
     for res in run_distributed(_fuse_linears_sp, 2):
         assert res["flux"][1] and res["wan"][1], res
         assert max(r[0] for r in res.values()) < 1e-5, res
+
+
+@pytest.mark.parametrize("name,per_block", [("flux", None), ("wan", 2)])
+def test_attention_kernel_pass_swaps_sdpa(name, per_block):
+    """With attention backend fa3_cute every SDPA of a bfloat16 model without mask (FLUX's joint attention, Wan's
+    self- and cross-attention) becomes xdit.fa3_attention; the same output (off sm90 the op runs SDPA); a float32
+    model keeps SDPA (not the kernel's dtype); other backends leave the graph alone."""
+    from xdit_compile.passes.attention_kernel import attention_kernel_pass
+    from xdit_compile.passes.token_dims import SDPA
+
+    case = MODELS[name]
+    for dtype, ok in ((torch.bfloat16, True), (torch.float32, False)):
+        m = case.build().to(dtype)
+        inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in case.inputs().items()}
+        swapped = sdpa = 0
+        for gm, ex in _capture_with_inputs(m, inputs):
+            with torch.no_grad():
+                ref = gm(*ex)
+            sdpa += sum(n.target in SDPA for n in gm.graph.nodes)
+
+            class Ctx:
+                fuse_report: dict = {}
+                attention_backend = "sdpa"
+
+            ctx = Ctx()
+            assert not attention_kernel_pass(gm, ctx)
+            ctx.attention_backend = "fa3_cute"
+            if attention_kernel_pass(gm, ctx):
+                gm.graph.lint()
+                gm.recompile()
+            swapped += ctx.fuse_report["fa3_attention"]
+            with torch.no_grad():
+                out = gm(*ex)
+            for a, b in zip(ref, out):
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert sdpa > 0 and swapped == (sdpa if ok else 0), (dtype, sdpa, swapped)
+        if per_block and ok:
+            assert swapped == per_block * len(m.blocks)
+
+
+def test_attention_backend_resolution():
+    """auto stays SDPA where the kernel cannot run (CPU, or no flash_attn.cute); asking for fa3_cute there is an
+    error at compile time that names the missing pieces and the fix."""
+    from xdit_compile.runtime import flash_cute
+    from xdit_compile.runtime._lse import resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "auto" and resolve_backend("sdpa", "cuda") == "sdpa"
+    if flash_cute.available():
+        pytest.skip("the kernel runs here")
+    assert resolve_backend("auto", "cuda") == "auto"
+    with pytest.raises(ValueError, match="fa3_cute.*nvidia-cutlass-dsl.*backend='auto'"):
+        resolve_backend("fa3_cute", "cpu")

@@ -118,7 +118,7 @@ def test_unknown_key(d, message):
         ({"parallel": {"cfg": 3}}, "parallel.cfg must be 1 or 2"),
         ({"parallel": 2}, "plan key 'parallel' must be a table of settings, got 2"),
         ({"attention": {"backend": "flash"}}, "attention.backend must be one of 'auto', 'sdpa', 'flash_attn', "
-         "'yunchang', 'math', got 'flash' (did you mean 'flash_attn'?)"),
+         "'yunchang', 'math', 'fa3_cute', got 'flash' (did you mean 'flash_attn'?)"),
         ({"compile": {"lowering": "tvm"}}, "compile.lowering must be one of 'eager', 'inductor', 'onediff'"),
         ({"compile": {"dynamic": 1}}, "compile.dynamic must be a bool (true or false), got 1"),
         ({"compile": {"cudagraphs": True}}, 'compile.cudagraphs = true needs compile.lowering = "inductor"'),

@@ -184,11 +184,15 @@ def test_attention_with_lse_merges_to_sdpa():
         torch.testing.assert_close(lse, full)
 
 
-@pytest.mark.parametrize("backend", ["nope", "flash_attn", "yunchang"])
+@pytest.mark.parametrize("backend", ["nope", "flash_attn", "yunchang", "fa3_cute"])
 def test_backend_errors_name_the_problem(backend):
     import importlib.util
 
-    if backend != "nope" and importlib.util.find_spec(backend) is not None:
+    from xdit_compile.runtime import flash_cute
+
+    if backend == "fa3_cute" and flash_cute.available():
+        pytest.skip("fa3_cute runs here")
+    if backend not in ("nope", "fa3_cute") and importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} is installed")
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match=backend):

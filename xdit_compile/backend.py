@@ -14,6 +14,7 @@ import torch.fx as fx
 from . import runtime  # noqa: F401  (registers the xdit:: custom ops)
 from .lowering import lower
 from .passes.manager import run_passes
+from .runtime._lse import resolve_backend
 from .plan import Plan, load_plan
 
 
@@ -142,7 +143,8 @@ class XditCompiler:
             fused_linear.join_pending()
 
     def _compile(self, gm: fx.GraphModule, example_inputs):
-        ctx = CompileContext(dims=self.dims, attention_backend=self.plan.attention.backend,
+        ctx = CompileContext(dims=self.dims,
+                             attention_backend=resolve_backend(self.plan.attention.backend, _device_type(example_inputs)),
                              disabled_passes=self.disabled, cfg_external=self.cfg_external,
                              cache_config=self.plan.cache, example_inputs=list(example_inputs),
                              model_class=self.model_class, lowering=self.plan.compile.lowering,

@@ -8,7 +8,7 @@ all-to-all + wait (which Inductor schedules, and with compile.overlap may move),
 
 Simple case only (everything else stays on the custom op, unchanged): no mask, q/k/v of the same shape
 (same head count H, no GQA, same head dim), H % N == 0 (no padded heads), every rank holding the same
-number of tokens, attention backend "auto" or "sdpa". The decision depends on shapes and degrees only,
+number of tokens, attention backend "auto", "sdpa" or "fa3_cute". The decision depends on shapes and degrees only,
 so every rank rewrites the same calls.
 
 Legend: B batch, H heads, N ranks of the Ulysses group, h = H / N, S this rank's tokens, L = N * S, D head
@@ -131,6 +131,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 rec["kept_op"] = reason
             continue
         g = gm.graph
+        before = set(g.nodes)
         chunks = 1 if ring else _chunks(q.meta["example_value"].shape[1] // len(sizes),
                                         getattr(ctx, "ulysses_chunks", 1))
         parts = 1
@@ -157,6 +158,9 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                     local = qv.numel() // qv.shape[2] * sizes[0]
                     ctx.symm_buffers += [(group, 3 * local, qv.dtype, qv.device), (group, local, qv.dtype, qv.device)]
         out.meta = {key: val for key, val in n.meta.items() if key != "xdit_attention"}  # a copy, not attention
+        for x in set(g.nodes) - before:     # what attention_kernel checks: the op's q / k / v (full size)
+            if x.target is F.scaled_dot_product_attention:
+                x.meta["sdpa_inputs"] = tuple(a.meta.get("example_value") for a in (q, k, v))
         n.replace_all_uses_with(out)
         g.erase_node(n)
         if rec is not None:
@@ -188,7 +192,7 @@ def _not_simple(n: fx.Node, ulysses: int = 0) -> str | None:
         ulysses = len(sizes)
     if mask is not None:
         return "mask"
-    if backend not in ("auto", "sdpa"):
+    if backend not in ("auto", "sdpa", "fa3_cute"):    # fa3_cute: the attention_kernel pass swaps the SDPA node
         return f"backend {backend}"
     vals = [x.meta.get("example_value") if isinstance(x, fx.Node) else None for x in (q, k, v)]
     if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in vals):

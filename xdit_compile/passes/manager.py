@@ -9,6 +9,7 @@ import time
 
 import torch.fx as fx
 
+from .attention_kernel import attention_kernel_pass
 from .decompose_ulysses import decompose_ulysses_pass
 from .find_attention import find_attention_pass
 from .fuse_gelu import fuse_gelu_pass
@@ -56,6 +57,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
         passes.append(("schedule_transfers", schedule_transfers_pass))
     if getattr(ctx, "fuse_gelu", False):
         passes.append(("fuse_gelu", fuse_gelu_pass))
+    if getattr(ctx, "attention_backend", "auto") == "fa3_cute":   # every SDPA in place, decompose_ulysses' too
+        passes.append(("attention_kernel", attention_kernel_pass))
     cache = getattr(ctx, "cache_config", None)
     if cache is not None and cache.method != "none":
         # last: it adds state inputs/outputs and matches residuals on the LOCAL (already sharded) shapes

@@ -139,10 +139,15 @@ class AttentionConfig:
     """How the local attention (inside Ulysses/ring) is computed."""
 
     SECTION: ClassVar[str] = "attention"
-    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "sdpa", "flash_attn", "yunchang", "math")
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "sdpa", "flash_attn", "yunchang", "math", "fa3_cute")
 
     backend: str = "auto"
-    """auto (best available), sdpa (torch SDPA), flash_attn, yunchang, math (reference, slow)."""
+    """auto (best available: fa3_cute on a Hopper GPU where its packages import, else torch SDPA), sdpa (torch
+    SDPA: cuDNN on H100 / H200), flash_attn, yunchang, math (reference, slow), fa3_cute (flash_attn.cute's
+    Hopper kernel, FlashAttention-3 design in the CuTe DSL; optional packages: flash_attn.cute and
+    nvidia-cutlass-dsl; one H200: 3-16% faster than cuDNN at the FLUX / Wan shapes, benchmarks/attn_kernels.py).
+    With fa3_cute the graph's own attention (SDPA without a mask) runs the kernel too (the attention_kernel
+    pass)."""
 
     def __post_init__(self) -> None:
         _check_choice(f"{self.SECTION}.backend", self.backend, self.BACKENDS)

@@ -8,3 +8,4 @@ from . import pipefusion  # noqa: F401,E402
 from . import symm_a2a  # noqa: F401,E402
 from . import ce_a2a  # noqa: F401,E402
 from . import fused_linear  # noqa: F401,E402
+from . import flash_cute  # noqa: F401,E402

@@ -23,9 +23,9 @@ try:
 except ImportError:          # CPU-only installs: merge_lse's torch path
     triton = None
 
-__all__ = ["BACKENDS", "as_additive_mask", "attention_with_lse", "check_backend", "merge_lse"]
+__all__ = ["BACKENDS", "as_additive_mask", "attention_with_lse", "check_backend", "merge_lse", "resolve_backend"]
 
-BACKENDS = ("auto", "sdpa", "math", "flash_attn", "yunchang")
+BACKENDS = ("auto", "sdpa", "math", "flash_attn", "yunchang", "fa3_cute")
 
 _OPTIONAL_PACKAGES = {"flash_attn": "flash_attn", "yunchang": "yunchang"}
 
@@ -34,12 +34,32 @@ def check_backend(backend: str) -> None:
     """ValueError for an unknown backend or one whose optional package is not installed."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; valid backends: {', '.join(BACKENDS)}")
+    if backend == "fa3_cute":
+        from . import flash_cute
+        if not flash_cute.available():
+            raise ValueError(
+                "attention backend 'fa3_cute' needs flash_attn.cute and nvidia-cutlass-dsl importable and a Hopper "
+                "(sm90) GPU (benchmarks/fa_cute_env.sh sets them up); use backend='auto', which picks it where it runs"
+            )
+        return
     package = _OPTIONAL_PACKAGES.get(backend)
     if package is not None and importlib.util.find_spec(package) is None:
         raise ValueError(
             f"attention backend {backend!r} needs the optional package {package!r}, which is not installed; "
             f"install it or use backend='auto'"
         )
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The plan's attention backend as run: "auto" is "fa3_cute" on CUDA where that kernel runs (faster than cuDNN
+    at every FLUX / Wan shape measured, benchmarks/attn_kernels.py), else "auto" (SDPA); an explicit backend whose
+    package is missing is a ValueError here, at compile time."""
+    if backend == "auto" and device_type == "cuda":
+        from . import flash_cute
+        return "fa3_cute" if flash_cute.available() else backend
+    if backend != "auto":
+        check_backend(backend)
+    return backend
 
 
 def as_additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -70,6 +90,9 @@ def attention_with_lse(
     result = None
     if backend in ("flash_attn", "yunchang") and bias is None:
         result = _flash_attn_package(q_BHSD, k_BHSD, v_BHSD, scale)
+    elif backend == "fa3_cute" and bias is None and q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16):
+        from . import flash_cute
+        result = flash_cute.attention(q_BHSD, k_BHSD, v_BHSD, scale, with_lse=True)
     elif backend != "math" and q_BHSD.size(-1) == v_BHSD.size(-1):
         kernel = _aten_cuda if q_BHSD.is_cuda else _aten_cpu
         try:
