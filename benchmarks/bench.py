@@ -38,7 +38,7 @@ Methods:
              its method turns it off (xdit_cg_ce_fm_nog: xdit_cg_ce_fm without it, the A/B of session 11);
              xdit_cg_ce_fm_fl = xdit_cg_ce_fm + compile.fuse_linears = true (linears of one input as one GEMM; the
              default since session 16, so xdit_cg_ce_fm has it too), xdit_cg_ce_fm_nol with it off;
-             xdit_cg_ce_fm_sdpa = xdit_cg_ce_fm with attention.backend = "sdpa" (cuDNN; the default "auto" runs
+             xdit_cg_ce_fm_sdpa / xdit_cg_ce_sdpa = xdit_cg_ce_fm / xdit_cg_ce with attention.backend = "sdpa" (cuDNN; the default "auto" runs
              flash_attn.cute's Hopper kernel where it imports, benchmarks/fa_cute_env.sh, since session 17);
              xdit_cg_ce_c2 / _c3 / _c5 the same with compile.ulysses_chunks = 2 / 3 / 5 (attention per head chunk, each
              chunk's transfers beside the neighbouring chunk's attention)
@@ -105,6 +105,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_sm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem"},
                 "xdit_cg_ag": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "allgather_kv"},
                 "xdit_cg_ce": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
+                "xdit_cg_ce_sdpa": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
                 "xdit_cg_ceb": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
                 "xdit_cg_cef": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine"},
                 "xdit_cg_ce_fm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -136,7 +137,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_smnm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem",
                                  "shard_modulation": False}, **CHUNKED}
 # attention section of a method's plan (default: backend "auto", flash_attn.cute's kernel where it imports)
-XDIT_ATTENTION = {"xdit_cg_ce_fm_sdpa": {"backend": "sdpa"}}
+XDIT_ATTENTION = {"xdit_cg_ce_fm_sdpa": {"backend": "sdpa"}, "xdit_cg_ce_sdpa": {"backend": "sdpa"}}
 XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}, "xdit_cg_cef": {"XDIT_CE_SIGNAL": "flag"}}  # environment while the method builds and runs
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
@@ -147,7 +148,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -804,6 +805,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                     "q/k/v as one GEMM)",
                 "xdit_cg_ce_fm_nol": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
                                      "q/k/v as separate GEMMs)",
+                "xdit_cg_ce_sdpa": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, attention backend "
+                                   "sdpa: cuDNN)",
                 "xdit_cg_ce_fm_sdpa": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                       "GEMV, attention backend sdpa: cuDNN)",
                 "xdit_cg_ce_fc2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
@@ -1028,6 +1031,9 @@ def driver(args):
                 if deadline:
                     cmd += ["--deadline", str(deadline)]
                 e = dict(env)
+                if gname.startswith("xfuser"):      # the peer without flash_attn.cute (fa_cute_env.sh says why)
+                    fa = set(filter(None, e.get("XDIT_FA_PATHS", "").split(os.pathsep)))
+                    e["PYTHONPATH"] = os.pathsep.join(p for p in e["PYTHONPATH"].split(os.pathsep) if p not in fa)
                 if not tiny:
                     e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i + args.gpu_offset) for i in range(n))
                 lp = os.path.join(logdir, f"N{n}_{model}_{gname}.log")
