@@ -217,3 +217,27 @@ def test_comm_bytes():
     assert comm_bytes("xdit::ring_attention", q_shape, (1, 2, 4, 8), 2, [4, 4], 2, enable_gqa=True) == [2 * 2 * 4 * 16] * 2
     usp = comm_bytes("usp_attention", q_shape, k_shape, 4, [2, 2, 2, 2], 2, ring_size=2)
     assert usp == [4 * (3 * 2 * 2 * 8 + 2 * 2 * 8) + 4 * (2 * 4 * 16)] * 4
+
+
+@pytest.mark.parametrize("bshd", [True, False])
+def test_fa3_attention_op_keeps_q_layout(bshd):
+    """xdit.fa3_attention (what the attention_kernel pass emits) returns its output in q's layout, as SDPA's
+    kernels do: a (B, S, H, D) buffer seen as (B, H, S, D) when q is such a view (diffusers' attention), else
+    contiguous; its fake promises the same strides, so Inductor's compiled code runs it (off sm90: SDPA)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))            # (B, S, H, D)
+    if bshd:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, S, D) views
+    else:
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = torch.ops.xdit.fa3_attention(q, k, v, 0.5)
+    assert out.stride() == ((15 * 8, 8, 3 * 8, 1) if bshd else (15 * 8, 5 * 8, 8, 1))
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+    def f(q, k, v):
+        return torch.ops.xdit.fa3_attention(q, k, v, 0.5).transpose(1, 2).flatten(2) * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="inductor")(q, k, v)
+    torch.testing.assert_close(got, ref.transpose(1, 2).flatten(2) * 2)

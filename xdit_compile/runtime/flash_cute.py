@@ -2,8 +2,8 @@
 
 Optional: used only where ``flash_attn.cute`` and ``cutlass`` (nvidia-cutlass-dsl) import and the GPU is sm90
 (``available()``). The kernel reads q/k/v through their strides (only the last dim must be contiguous), so the
-(B, H, S, D) tensors the Ulysses all-to-all delivers go in as they are; the output is (B, H, S, Dv) contiguous,
-as SDPA returns it, and the log-sum-exp (B, H, S) float32 comes with it when asked for (ring steps merge on it).
+(B, H, S, D) tensors the Ulysses all-to-all delivers go in as they are; the output has q's layout, as SDPA's
+kernels give it (``_out_like``), and the log-sum-exp (B, H, S) float32 comes with it when asked for (ring steps merge on it).
 
 The first call of a (dtype, head dims, GQA ratio, lse) combination compiles the kernel (seconds); later calls,
 and CUDA-graph replays, launch it on the current stream.
@@ -48,13 +48,29 @@ def available(device: torch.device | None = None) -> bool:
     """True where the kernel can run: the packages import and the GPU is Hopper (sm90)."""
     if not torch.cuda.is_available() or _modules() is None:
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    return _sm90(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def _out_like(q_BHSD: torch.Tensor, dv: int) -> torch.Tensor:
+    """The output in q's layout, as SDPA's kernels give it: (B, S, H, Dv) in memory (returned as its (B, H, S, Dv)
+    view) when q is such a view, as diffusers' attention passes it (then the caller's transpose back and flatten
+    are free), else (B, H, S, Dv) contiguous (the Ulysses buffers' layout)."""
+    B, H, S, _ = q_BHSD.shape
+    if H > 1 and S > 1 and q_BHSD.stride(1) < q_BHSD.stride(2):
+        return q_BHSD.new_empty((B, S, H, dv)).transpose(1, 2)
+    return q_BHSD.new_empty((B, H, S, dv))
 
 
 def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float | None = None,
               with_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Non-causal attention, no mask: ``(out_BHSD contiguous, lse_BHS float32 or None)``. k/v may have fewer heads
-    (GQA) when q's head count is a multiple of theirs."""
+    """Non-causal attention, no mask: ``(out_BHSD, lse_BHS float32 or None)``, out in q's layout (``_out_like``).
+    k/v may have fewer heads (GQA) when q's head count is a multiple of theirs."""
     mods = _modules()
     if mods is None:
         raise RuntimeError("flash_attn.cute is not importable: install flash-attn's cute package and "
@@ -69,7 +85,7 @@ def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, 
         raise ValueError(f"flash_cute attention: q heads {H} must be a multiple of k/v heads {Hk}, head dims "
                          f"{D}/{Dv} multiples of 8 and <= 256")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHSD, k_BHSD, v_BHSD))
-    out = torch.empty((B, H, S, Dv), dtype=q.dtype, device=q.device)
+    out = _out_like(q_BHSD, Dv)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device) if with_lse else None
     # The kernel's layout is (B, S, H, D): transposed views, the strides say where the data is.
     tq, tk, tv, to = (from_dlpack(t.transpose(1, 2).detach(), assumed_align=16).mark_layout_dynamic(leading_dim=3)
@@ -94,9 +110,10 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """SDPA without mask, dropout or causality (q/k/v (B, H, S, D), equal head counts): the kernel where it runs."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and available(q.device):
         return attention(q, k, v, scale)[0]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = _out_like(q, v.size(-1))      # the layout the fake promises
+    return out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
 
 
 @fa3_attention.register_fake
 def _(q, k, v, scale=None):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return _out_like(q, v.shape[-1])
