@@ -241,3 +241,28 @@ def test_fa3_attention_op_keeps_q_layout(bshd):
     torch._dynamo.reset()
     got = torch.compile(f, backend="inductor")(q, k, v)
     torch.testing.assert_close(got, ref.transpose(1, 2).flatten(2) * 2)
+
+
+def _fa3_runs():
+    from xdit_compile.runtime import flash_cute
+    return flash_cute.available()
+
+
+@pytest.mark.skipif(not _fa3_runs(), reason="flash_attn.cute's kernel needs a Hopper GPU and its packages")
+@pytest.mark.parametrize("bshd", [True, False])
+def test_fa3_cute_kernel_on_hopper(bshd):
+    """The kernel against float32 math: out within bf16 rounding (as close as cuDNN), LSE to float32 precision,
+    for both layouts q arrives in (benchmarks/attn_kernels.py times it)."""
+    from xdit_compile.runtime import flash_cute
+
+    torch.manual_seed(0)
+    shape = (1, 300, 4, 128) if bshd else (1, 4, 300, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if bshd:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = flash_cute.attention(q, k, v, None, with_lse=True)
+    ref, ref_lse = _lse._math(q.float(), k.float(), v.float(), None, None)
+    cudnn = F.scaled_dot_product_attention(q, k, v)
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < 1e-2 and err <= 1.5 * (cudnn.float() - ref).norm() / ref.norm(), err
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
