@@ -51,12 +51,12 @@ def check_backend(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device_type: str) -> str:
-    """The plan's attention backend as run: "auto" is "fa3_cute" on CUDA where that kernel runs (faster than cuDNN
-    at every FLUX / Wan shape measured, benchmarks/attn_kernels.py), else "auto" (SDPA); an explicit backend whose
-    package is missing is a ValueError here, at compile time."""
+    """The plan's attention backend as run: "auto" is "fa3_cute" on CUDA where that kernel works (faster than cuDNN
+    at every FLUX / Wan shape measured, benchmarks/attn_kernels.py; ``flash_cute.works`` tries it once), else
+    "auto" (SDPA); an explicit backend whose package is missing is a ValueError here, at compile time."""
     if backend == "auto" and device_type == "cuda":
         from . import flash_cute
-        return "fa3_cute" if flash_cute.available() else backend
+        return "fa3_cute" if flash_cute.works() else backend
     if backend != "auto":
         check_backend(backend)
     return backend

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
-__all__ = ["available", "attention", "fa3_attention"]
+__all__ = ["available", "attention", "fa3_attention", "works"]
 
 _compiled: dict[tuple, object] = {}
 M_BLOCK, N_BLOCK, THREADS = 128, 192, 384     # flash_attn.cute's choice for non-causal sm90
@@ -55,6 +56,29 @@ def available(device: torch.device | None = None) -> bool:
 @functools.lru_cache(maxsize=None)
 def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def works(index: int | None = None) -> bool:
+    """available(), and one small call of the kernel on this GPU matches SDPA (what "auto" asks before it picks the
+    kernel: a flash_attn.cute / nvidia-cutlass-dsl pair of mismatched versions imports but fails to compile). The
+    call uses the (bf16, head dim 128) kernel most models then reuse. A failure warns with its reason."""
+    if not available(index):
+        return False
+    try:
+        dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        q, k, v = (torch.randn(1, 2, 256, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        out = attention(q, k, v)[0].float()
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        if err < 2e-2:
+            return True
+        reason = f"its output differs from SDPA's by {err:.1e}"
+    except Exception as e:  # noqa: BLE001  (any failure means: keep SDPA)
+        reason = f"{type(e).__name__}: {e}"
+    warnings.warn(f"flash_attn.cute's kernel imports but does not work here ({reason}); attention backend "
+                  "'auto' keeps SDPA", RuntimeWarning, stacklevel=2)
+    return False
 
 
 def _out_like(q_BHSD: torch.Tensor, dv: int) -> torch.Tensor:
