@@ -4,8 +4,8 @@ d=$(mktemp -d)
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$d" \
   nvidia-cutlass-dsl==4.1.0 "cuda-python==12.9.*" "cuda-bindings==12.9.*"
-pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$d" flash-attn==2.8.3.post2 || true
-[ -f "$d"/flash_attn-2.8.3.post2.tar.gz ] || curl -sSL -o "$d"/flash_attn-2.8.3.post2.tar.gz \
+# the sdist itself (pip download would try to build it): only its pure-Python flash_attn/cute is used
+curl -sSL -o "$d"/flash_attn-2.8.3.post2.tar.gz \
   "$(curl -s https://pypi.org/simple/flash-attn/ | grep -o 'https://[^"#]*flash_attn-2.8.3.post2.tar.gz' | head -1)"
 rm -rf .fa && mkdir -p .fa/src/flash_attn "$d/cdsl"
 (cd "$d/cdsl" && unzip -q "$d"/nvidia_cutlass_dsl-4.1.0-*.whl)
