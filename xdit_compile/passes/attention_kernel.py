@@ -13,7 +13,7 @@ Only calls the kernel takes: q/k/v 4-D (B, H, S, D) of one float16 / bfloat16 dt
 multiples of 8 up to 256, no attn_mask, dropout_p 0, is_causal false, enable_gqa false; others stay SDPA.
 
 Why: one H200 (benchmarks/attn_kernels.py), against cuDNN (what SDPA runs there): FLUX 1024² shapes 3-8%
-faster, 2048² 4-12%, Wan 480p 12-16%; the output differs from cuDNN's as much as torch's flash kernel's does.
+faster, 2048² 4-12%, Wan 480p 11-18%; the output differs from cuDNN's as much as torch's flash kernel's does.
 """
 from __future__ import annotations
 

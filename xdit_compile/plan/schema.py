@@ -145,7 +145,7 @@ class AttentionConfig:
     """auto (best available: fa3_cute on a Hopper GPU where its packages import, else torch SDPA), sdpa (torch
     SDPA: cuDNN on H100 / H200), flash_attn, yunchang, math (reference, slow), fa3_cute (flash_attn.cute's
     Hopper kernel, FlashAttention-3 design in the CuTe DSL; optional packages: flash_attn.cute and
-    nvidia-cutlass-dsl; one H200: 3-16% faster than cuDNN at the FLUX / Wan shapes, benchmarks/attn_kernels.py).
+    nvidia-cutlass-dsl; one H200: 3-18% faster than cuDNN at the FLUX / Wan shapes, benchmarks/attn_kernels.py).
     With fa3_cute the graph's own attention (SDPA without a mask) runs the kernel too (the attention_kernel
     pass)."""
 

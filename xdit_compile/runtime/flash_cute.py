@@ -13,7 +13,7 @@ plan's attention backend resolves to "fa3_cute": the kernel on a CUDA tensor whe
 (CPU, another GPU) ``F.scaled_dot_product_attention`` with the same arguments.
 
 Measured (one H200, ``benchmarks/attn_kernels.py``, ``benchmarks/results/session17/``): against cuDNN, which SDPA
-runs there, 3-8% faster at FLUX 1024² shapes, 4-12% at 2048², 12-16% at Wan 480p's; same error against cuDNN as
+runs there, 3-8% faster at FLUX 1024² shapes, 4-12% at 2048², 11-18% at Wan 480p's; same error against cuDNN as
 torch's FlashAttention-2 kernel (3e-3 relative); bitwise the same when replayed in a CUDA graph.
 """
 from __future__ import annotations
