@@ -27,7 +27,9 @@ import torch
 __all__ = ["available", "attention", "fa3_attention", "works"]
 
 _compiled: dict[tuple, object] = {}
-M_BLOCK, N_BLOCK, THREADS = 128, 192, 384     # flash_attn.cute's choice for non-causal sm90
+# The kernel's tiling: (m_block, n_block, K/V pipeline stages, threads, intra-warpgroup overlap). flash_attn.cute's
+# choice for non-causal sm90; benchmarks/fa_cute_tiles.py times the others.
+CONFIG = (128, 192, 2, 384, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,9 +94,10 @@ def _out_like(q_BHSD: torch.Tensor, dv: int) -> torch.Tensor:
 
 
 def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float | None = None,
-              with_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+              with_lse: bool = False, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Non-causal attention, no mask: ``(out_BHSD, lse_BHS float32 or None)``, out in q's layout (``_out_like``).
-    k/v may have fewer heads (GQA) when q's head count is a multiple of theirs."""
+    k/v may have fewer heads (GQA) when q's head count is a multiple of theirs. ``config``: a tiling in CONFIG's
+    form (default CONFIG)."""
     mods = _modules()
     if mods is None:
         raise RuntimeError("flash_attn.cute is not importable: install flash-attn's cute package and "
@@ -117,12 +120,13 @@ def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, 
     tl = from_dlpack(lse, assumed_align=4).mark_layout_dynamic(leading_dim=2) if with_lse else None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     stream = cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
-    key = (q.dtype, D, Dv, H // Hk, with_lse, q.device.index)
+    m_block, n_block, stages, threads, overlap = CONFIG if config is None else config
+    key = (q.dtype, D, Dv, H // Hk, with_lse, q.device.index, m_block, n_block, stages, threads, overlap)
     fn = _compiled.get(key)
     if fn is None:
         kernel = Sm90(dtypes[q.dtype], D, Dv, H // Hk, is_causal=False, is_local=False, pack_gqa=H != Hk,
-                      m_block_size=M_BLOCK, n_block_size=N_BLOCK, num_stages=2, num_threads=THREADS,
-                      Q_in_regs=False)
+                      m_block_size=m_block, n_block_size=n_block, num_stages=stages, num_threads=threads,
+                      Q_in_regs=False, intra_wg_overlap=overlap)
         fn = _compiled[key] = cute.compile(kernel, tq, tk, tv, to, tl, scale, stream,
                                            None, None, None, None, None, None, None, None, None)
     fn(tq, tk, tv, to, tl, scale, stream, None, None, None, None, None, None, None, None, None)
