@@ -249,10 +249,11 @@ def _fa3_runs():
 
 
 @pytest.mark.skipif(not _fa3_runs(), reason="flash_attn.cute's kernel needs a Hopper GPU and its packages")
-@pytest.mark.parametrize("bshd", [True, False])
-def test_fa3_cute_kernel_on_hopper(bshd):
+@pytest.mark.parametrize("bshd,config", [(True, None), (False, None), (False, (128, 128, 3, 384, False))])
+def test_fa3_cute_kernel_on_hopper(bshd, config):
     """The kernel against float32 math: out within bf16 rounding (as close as cuDNN), LSE to float32 precision,
-    for both layouts q arrives in (benchmarks/attn_kernels.py times it)."""
+    for both layouts q arrives in and another tiling than CONFIG (benchmarks/attn_kernels.py and fa_cute_tiles.py
+    time them)."""
     from xdit_compile.runtime import flash_cute
 
     torch.manual_seed(0)
@@ -260,7 +261,7 @@ def test_fa3_cute_kernel_on_hopper(bshd):
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     if bshd:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = flash_cute.attention(q, k, v, None, with_lse=True)
+    out, lse = flash_cute.attention(q, k, v, None, with_lse=True, config=config)
     ref, ref_lse = _lse._math(q.float(), k.float(), v.float(), None, None)
     cudnn = F.scaled_dot_product_attention(q, k, v)
     err = (out.float() - ref).norm() / ref.norm()
