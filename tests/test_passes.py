@@ -492,3 +492,72 @@ def test_attention_backend_resolution():
     assert resolve_backend("auto", "cuda") == "auto"
     with pytest.raises(ValueError, match="fa3_cute.*nvidia-cutlass-dsl.*backend='auto'"):
         resolve_backend("fa3_cute", "cpu")
+
+
+class _CatLinears(nn.Module):
+    """One linear over a wide concatenation (split) and one over a narrow one (left alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(4 + 12, 4)
+        self.narrow = nn.Linear(4 + 4, 6)
+
+    def forward(self, a, m):
+        return self.wide(torch.cat([a, m], -1)).sum(-1) + self.narrow(torch.cat([a, m[..., :4]], -1)).sum(-1)
+
+
+def _split_on(gm):
+    from xdit_compile.passes.split_cat_linears import split_cat_linears_pass
+
+    class Ctx:
+        fuse_report: dict = {}
+
+    ctx = Ctx()
+    if split_cat_linears_pass(gm, ctx):
+        gm.graph.lint()
+        gm.recompile()
+    return ctx.fuse_report["split_cat_linears"]
+
+
+def test_split_cat_linears_pass_counts_and_numerics():
+    """FLUX's single-block proj_out over [attention, mlp] (5x its output's width) becomes one linear per part,
+    the same output; a linear over a concatenation less than twice its output's width stays whole."""
+    case = MODELS["flux"]
+    m = case.build()
+    count = 0
+    for gm, ex in _capture_with_inputs(m, case.inputs()):
+        with torch.no_grad():
+            ref = gm(*ex)
+        count += _split_on(gm)
+        assert not [n for n in gm.graph.nodes if n.target in (torch._C._nn.linear, F.linear)
+                    and getattr(n.args[0], "target", None) is torch.cat], gm.code
+        with torch.no_grad():
+            out = gm(*ex)
+        for a, b in zip(ref, out):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert count == m.config.num_single_layers
+    toy = _CatLinears()
+    a, mm = torch.randn(2, 3, 4), torch.randn(2, 3, 12)
+    gms = _capture_with_inputs(toy, {"a": a, "m": mm})
+    assert [_split_on(gm) for gm, _ in gms] == [1]
+    torch.testing.assert_close(gms[0][0](*gms[0][1])[0], toy(a, mm), rtol=1e-5, atol=1e-5)
+
+
+def test_split_cat_linears_in_the_pipeline():
+    """parallelize at world size 1 runs the pass (explain names it) and gives the model's output; off, nothing is
+    split."""
+    import xdit_compile
+
+    case = MODELS["flux"]
+    for on in (True, False):
+        torch._dynamo.reset()
+        m = case.build()
+        with torch.no_grad():
+            ref = m(**case.inputs())[0]
+            xdit_compile.parallelize(m, {"compile": {"split_cat_linears": on}})
+            out = m(**case.inputs())[0]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        got = sum(r["fused"].get("split_cat_linears", 0) for r in m._xdit_compiler.reports)
+        assert got == (m.config.num_single_layers if on else 0), got
+        assert ("split_cat_linears:" in xdit_compile.explain(m)) == on

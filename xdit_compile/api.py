@@ -302,6 +302,9 @@ def format_reports(reports) -> str:
             sizes = rep["fused"]["linears"]
             lines.append(f"  fuse_linears: {len(sizes)} groups of linears of one input as one GEMM each "
                          f"({sum(sizes)} linears)")
+        if (rep.get("fused") or {}).get("split_cat_linears"):
+            lines.append(f"  split_cat_linears: {rep['fused']['split_cat_linears']} linear(cat) as one linear per part "
+                         "(no concatenation copy)")
         if (rep.get("fused") or {}).get("fa3_attention"):
             lines.append(f"  attention_kernel: {rep['fused']['fa3_attention']} SDPA calls as xdit::fa3_attention "
                          "(flash_attn.cute's Hopper kernel)")

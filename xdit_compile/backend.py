@@ -49,6 +49,7 @@ class CompileContext:
     fuse_gelu: bool = True             # plan.compile.fuse_gelu
     fuse_norm_rope: bool = True        # plan.compile.fuse_norm_rope
     fuse_linears: bool = True          # plan.compile.fuse_linears
+    split_cat_linears: bool = True     # plan.compile.split_cat_linears
     fuse_report: dict = field(default_factory=dict)         # fuse_gelu / fuse_norm_rope: how many fused
     ce_buffers: list = field(default_factory=list)          # decompose_ulysses: copy-engine buffers to make first
     ce_reserved: list = field(default_factory=list)         # their keys, made before the graph first runs
@@ -159,7 +160,8 @@ class XditCompiler:
                              fuse_modulation=self.plan.compile.fuse_modulation,
                              fuse_gelu=self.plan.compile.fuse_gelu,
                              fuse_norm_rope=self.plan.compile.fuse_norm_rope,
-                             fuse_linears=self.plan.compile.fuse_linears)
+                             fuse_linears=self.plan.compile.fuse_linears,
+                             split_cat_linears=self.plan.compile.split_cat_linears)
         if ctx.pipefusion and "pipefusion" not in self.disabled:
             if self.plan.cache.method != "none":
                 raise ValueError(f"cache.method = {self.plan.cache.method!r} with parallel.pipefusion = "

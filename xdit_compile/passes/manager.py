@@ -20,6 +20,7 @@ from .rewrite_attention import rewrite_attention_pass
 from .schedule_transfers import schedule_transfers_pass
 from .shard_modulation import shard_modulation_pass
 from .shard_sequence import Axis, ShardContext, shard_sequence_pass
+from .split_cat_linears import split_cat_linears_pass
 from .split_cfg import split_cfg_pass
 
 
@@ -55,6 +56,8 @@ def build_pipeline(ctx) -> list[tuple[str, object]]:
     if sp_rewrite and ctx.lowering == "inductor" and ctx.decompose_collectives and ctx.ulysses > 1 \
             and getattr(ctx, "all_to_all", "nccl") == "copy_engine":
         passes.append(("schedule_transfers", schedule_transfers_pass))
+    if getattr(ctx, "split_cat_linears", False):   # after schedule_transfers, which splits (and places) its own
+        passes.append(("split_cat_linears", split_cat_linears_pass))
     if getattr(ctx, "fuse_gelu", False):
         passes.append(("fuse_gelu", fuse_gelu_pass))
     if getattr(ctx, "attention_backend", "auto") == "fa3_cute":   # every SDPA in place, decompose_ulysses' too

@@ -33,12 +33,11 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+
+from .split_cat_linears import cat_linear_parts, split_linear_over_cat
 
 START = torch.ops.xdit.a2a_start.default
 WAIT = torch.ops.xdit.a2a_wait.default
-_LINEAR = {torch._C._nn.linear, F.linear}
-_CAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
 LOOKAHEAD = 8
 """How many of the next starts (original order) compete in rule b."""
 MAX_CONE = 4000
@@ -94,52 +93,21 @@ def _waits_above(n: fx.Node, limit: int = 64) -> list[fx.Node]:
     return found
 
 
-def _param(node) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("get_attr", "placeholder")
-
-
 def _split_cat_linears(gm: fx.GraphModule) -> int:
     g = gm.graph
     count = 0
     for lin in list(g.nodes):
-        if lin.op != "call_function" or lin.target not in _LINEAR:
+        found = cat_linear_parts(lin)
+        if found is None or len(found[0]) != 2:
             continue
-        x = lin.args[0]
-        w = lin.args[1] if len(lin.args) > 1 else lin.kwargs.get("weight")
-        b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        if not (isinstance(x, fx.Node) and x.target in _CAT and len(x.users) == 1 and _param(w)):
-            continue
-        parts = x.args[0] if x.args else x.kwargs.get("tensors")
-        dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
-        vals = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in parts]
-        if len(parts) != 2 or not all(isinstance(v, torch.Tensor) for v in vals):
-            continue
-        if dim not in (-1, vals[0].dim() - 1):
-            continue
+        parts = found[0]
         late = [bool(_waits_above(p)) for p in parts]
         if late[0] == late[1]:
             continue
         starts = [t for wt in _waits_above(parts[late.index(True)]) for t in wt.args[0] if isinstance(t, fx.Node)]
         if not starts:
             continue
-        widths = [int(v.shape[-1]) for v in vals]
-        early_i = late.index(False)
-        lo = sum(widths[:early_i])
-        late_i = 1 - early_i
-        lo_late = sum(widths[:late_i])
-        anchor = max(starts, key=lambda s: _pos(g, s))
-        with g.inserting_after(anchor):
-            w_early = g.call_function(operator.getitem, (w, (slice(None), slice(lo, lo + widths[early_i]))))
-        with g.inserting_after(w_early):
-            early = g.call_function(torch._C._nn.linear, (parts[early_i], w_early, b))
-        with g.inserting_before(lin):
-            w_late = g.call_function(operator.getitem, (w, (slice(None), slice(lo_late, lo_late + widths[late_i]))))
-            late_out = g.call_function(torch._C._nn.linear, (parts[late_i], w_late, None))
-            total = g.call_function(operator.add, (early, late_out))
-        total.meta = dict(lin.meta)
-        lin.replace_all_uses_with(total)
-        g.erase_node(lin)
-        g.erase_node(x)
+        split_linear_over_cat(g, lin, early=late.index(False), anchor=max(starts, key=lambda s: _pos(g, s)))
         count += 1
     return count
 
