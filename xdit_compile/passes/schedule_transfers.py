@@ -10,6 +10,8 @@ runtime/ce_a2a.py). A transfer started early and waited for late costs nothing w
    waits on, so it can run while that transfer moves. (FLUX's and HunyuanVideo's single blocks: proj_out over
    [attention, mlp]; the mlp half, 4/5 of its FLOPs, runs during the attention output's return trip.) One more
    bf16 rounding of the partial sum: a difference of the order of bf16's epsilon.
+   (The rewrite is split_cat_linears.split_linear_over_cat; that pass, later, splits such linears in every plan,
+   in place.)
 2. List-schedule the nodes between impure nodes (placeholders, the output, in-place ops, side effects stay
    where they are) in this priority:
      a. a start whose inputs are computed;
