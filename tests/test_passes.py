@@ -506,6 +506,10 @@ class _CatLinears(nn.Module):
         return self.wide(torch.cat([a, m], -1)).sum(-1) + self.narrow(torch.cat([a, m[..., :4]], -1)).sum(-1)
 
 
+def _cat_dim(cat):
+    return cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+
+
 def _split_on(gm):
     from xdit_compile.passes.split_cat_linears import split_cat_linears_pass
 
@@ -519,10 +523,12 @@ def _split_on(gm):
     return ctx.fuse_report["split_cat_linears"]
 
 
-def test_split_cat_linears_pass_counts_and_numerics():
-    """FLUX's single-block proj_out over [attention, mlp] (5x its output's width) becomes one linear per part,
-    the same output; a linear over a concatenation less than twice its output's width stays whole."""
-    case = MODELS["flux"]
+@pytest.mark.parametrize("name", ["flux", "hunyuanvideo"])
+def test_split_cat_linears_pass_counts_and_numerics(name):
+    """FLUX's and HunyuanVideo's single-block proj_out over [attention, mlp] (5x its output's width) becomes one
+    linear per part, the same output; a linear over a concatenation less than twice its output's width stays
+    whole."""
+    case = MODELS[name]
     m = case.build()
     count = 0
     for gm, ex in _capture_with_inputs(m, case.inputs()):
@@ -530,7 +536,8 @@ def test_split_cat_linears_pass_counts_and_numerics():
             ref = gm(*ex)
         count += _split_on(gm)
         assert not [n for n in gm.graph.nodes if n.target in (torch._C._nn.linear, F.linear)
-                    and getattr(n.args[0], "target", None) is torch.cat], gm.code
+                    and getattr(n.args[0], "target", None) is torch.cat
+                    and _cat_dim(n.args[0]) in (-1, n.args[0].meta["example_value"].dim() - 1)], gm.code
         with torch.no_grad():
             out = gm(*ex)
         for a, b in zip(ref, out):
