@@ -4,12 +4,12 @@ a block-shaped loop.
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
 Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N),
-XDIT_CE_SIGNAL = flag and barrier, eagerly and
+XDIT_CE_SIGNAL = flag, barrier and spin, eagerly and
 as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention" -> o that alternate slots, as
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
 proj_mlp's matmul, SDPA, the output transfer beside the mlp half of proj_out; ms per round for NCCL
-(all_to_all_single, no overlap), copy_engine + barrier, copy_engine + flags, and the compute alone; and the
+(all_to_all_single, no overlap), copy_engine + barrier / flags / spin, and the compute alone; and the
 copies of one block (4 transfers) alone, as the op's 2-D pieces and as 1-D pieces of the same bytes.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main():
             res.append(out)
         return res
 
-    for mode in ("flag", "barrier"):
+    for mode in ("flag", "barrier", "spin"):
         os.environ["XDIT_CE_SIGNAL"] = mode
         for chunks, parts in ((1, 1), (2, 1)) + tuple((1, p) for p in (2, n) if p > 1 and n % p == 0):
             gen = torch.Generator(device=dev).manual_seed(rank)
@@ -234,7 +234,8 @@ def main():
     for name, step, env in (*cases, ("copies 1-D alone", copies(False), {}),
                             ("compute only", step_compute, {}), ("nccl", step_nccl, {}),
                             ("ce barrier", step_ce, {"XDIT_CE_SIGNAL": "barrier"}),
-                            ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"})):
+                            ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"}),
+                            ("ce spin", step_ce, {"XDIT_CE_SIGNAL": "spin"})):
         ms = timed(step, env)
         report(timing=name, ranks=n, ms_per_block=round(ms, 4), gpu=torch.cuda.get_device_name())
     _finish(rows, args.out, rank)

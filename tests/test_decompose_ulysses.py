@@ -276,7 +276,7 @@ def test_copy_engine_op_on_cpu(world_size):
         assert r["parts2"] and r.get("parts4", world_size == 2), f"rank {rank}: {r}"
         assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
-        assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"], r
+        assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"] and "'spin'" in r["signal"], r
 
 
 def test_symm_mem_refuses_chunks():

@@ -45,6 +45,11 @@ strides are copied into that order first). One stream per destination. Completio
   No SM work at all: the GPU front end waits, and a rank waits only for its senders' copies, not for every
   rank to finish the compute that overlaps them. The wait has no timeout; a dead rank ends the others
   through torchrun (its agent stops the group), a rank that skips a transfer would hang its peers.
+- "spin": the flags as in "flag", waited for by a small Triton kernel on the compute stream at the wait
+  (runtime/spin_wait.py), with the XDIT_TIMEOUT_S timeout: nothing spins beside compute (the barrier kernel
+  holds an SM while the GEMMs between start and wait run; one H200: a spinning CTA beside GEMMs slowed them
+  up to 83%, benchmarks/results/session20/spin_gemm.md), and no front-end wait latency. Not yet timed on
+  several GPUs: opt in until it is.
 CUDA graphs capture all of it (fork / join through events, memcpy nodes, memop nodes or the barrier kernel).
 
 The wait returns a VIEW of the receive buffer, so it must be consumed before the buffer is written again.
@@ -151,9 +156,10 @@ def _check_cu(err: int, what: str) -> None:
 
 def _signal_mode() -> str:
     mode = os.environ.get("XDIT_CE_SIGNAL", "barrier")
-    if mode not in ("flag", "barrier"):
-        raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'barrier' (the default, a barrier kernel) or 'flag' "
-                         "(stream memory operations)")
+    if mode not in ("flag", "barrier", "spin"):
+        raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'barrier' (the default, a barrier kernel), 'flag' "
+                         "(stream memory operations) or 'spin' (flags set by memory operations, waited for by a "
+                         "kernel on the compute stream)")
     return mode
 
 
@@ -247,7 +253,7 @@ def reserve(specs: list[tuple]) -> list[tuple]:
     autotuning synchronizes): Wan 480p at ulysses 4 deadlocked that way on 4 x H100. With XDIT_CE_SIGNAL=flag
     the flags too. Returns the keys made."""
     made = []
-    flag = _signal_mode() == "flag"
+    flag = _signal_mode() in ("flag", "spin")
     for group_name, kind, slot, mem_shape, dtype, device, flag_chunks in dict.fromkeys(specs):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -298,7 +304,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
-    flag = _signal_mode() == "flag"     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
+    flag = _signal_mode() in ("flag", "spin")     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)
@@ -354,8 +360,12 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     last = kind != "op" or chunk == chunks - 1   # op: the last part completes all of them
     if flag:
         base = fl["ptrs"][me] + fchunk * n * 4
-        _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me]
-                                                     if last else [])
+        if _signal_mode() == "spin":    # the wait's kernel reads flags[fchunk * n: (fchunk + 1) * n]
+            _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [(fl["flags"], fchunk * n, (fchunk + 1) * n,
+                                                                       n, me)] if last else [])
+        else:
+            _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me]
+                                                         if last else [])
         return x.new_empty(0)
     if not last:
         _PENDING[(group_name, kind, slot, chunk)] = ([], xt, [])
@@ -423,7 +433,11 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
             for ev in pending[0]:   # my outgoing copies (they read xs) / the barrier
                 torch.cuda.current_stream(x.device).wait_event(ev)
             addrs += pending[2]
-    if addrs:                       # every peer's pieces have landed here
+    if addrs and isinstance(addrs[0], tuple):      # XDIT_CE_SIGNAL=spin: a kernel on the compute stream
+        from .spin_wait import spin_wait
+        for flags, lo, hi, n_, me in addrs:
+            spin_wait(flags, lo, hi, n_, me, _timeout_ms())
+    elif addrs:                     # every peer's pieces have landed here
         _wait_flags(addrs, torch.cuda.current_stream(x.device))
     st = _BUFS.get((group_name, kind, slot, tuple(mem_shape), x.dtype, x.device))
     if st is None:
