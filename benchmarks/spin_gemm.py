@@ -106,8 +106,56 @@ def main():
         print(lines[-1], flush=True)
     lines += ["", "Times are the GEMMs' own (CUDA events on the compute stream; the spinner is launched just "
               "before the first GEMM and lasts 1.2x their time alone, or 0.4 ms)."]
+    lines += ["", *_wait_latency(side, cyc_ms)]
     open(args.out, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _wait_latency(side, cyc_ms, iters=50):
+    """From a flag set by a stream memory operation (what a sender's copy stream does after its copies) to the
+    next kernel on the waiting stream: cuStreamWaitValue32 (XDIT_CE_SIGNAL=flag) against the spin-wait kernel
+    (spin). The side stream sleeps 1 ms, then sets the flag; the main stream waits, then runs a tiny kernel;
+    latency = main's time - the side's 1 ms sleep alone."""
+    from xdit_compile.runtime import ce_a2a
+    from xdit_compile.runtime.spin_wait import spin_wait
+    flags = torch.zeros(2, dtype=torch.int32, device="cuda")
+    tiny = torch.zeros(1, device="cuda")
+    cyc = int(cyc_ms)
+
+    def run(mode):
+        ts = []
+        for it in range(iters + 3):
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                if mode != "none":
+                    torch.cuda._sleep(cyc)
+                    ce_a2a._check_cu(ce_a2a._cuda()["write32"](side.cuda_stream, flags.data_ptr() + 4, 1, 0), "write")
+                else:
+                    torch.cuda._sleep(cyc)
+            if mode == "flag":
+                ce_a2a._wait_flags([flags.data_ptr() + 4], torch.cuda.current_stream())
+            elif mode == "spin":
+                spin_wait(flags, 0, 2, 2, 0, 10_000)
+            else:
+                torch.cuda.current_stream().wait_stream(side)
+            tiny.add_(1)
+            e1.record()
+            torch.cuda.synchronize()
+            if it >= 3:
+                ts.append(e0.elapsed_time(e1))
+        return statistics.median(ts) * 1e3
+
+    base = run("none")
+    out = ["From a flag set by a stream memory operation to the next kernel on the waiting stream, us (median of "
+           f"{iters}; the side stream sleeps 1 ms first; an event join of the same streams: {base:.1f} us in all):", "",
+           "| wait | us after the flag (beyond an event join) |", "|---|---|"]
+    for mode in ("flag", "spin"):
+        out.append(f"| {'cuStreamWaitValue32 (flag)' if mode == 'flag' else 'spin-wait kernel (spin)'} | "
+                   f"{run(mode) - base:.1f} |")
+    return out
 
 
 if __name__ == "__main__":
