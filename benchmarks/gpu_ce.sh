@@ -1,13 +1,16 @@
 #!/bin/bash
-# copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag and
-# barrier completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
+# copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag, barrier
+# and spin completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
 #   [DEGS=u4,r4,u2xr2] [PROFILE=1] [CALLS=5] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
+# The spin A/B (session 20, carry .whl and .fa):
+#   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
 set -u
 N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
+[ -d .fa ] && source benchmarks/fa_cute_env.sh   # flash_attn.cute where the call carries .fa/ (attention "auto")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
