@@ -14,6 +14,7 @@ import argparse
 import statistics
 
 import torch
+from gpu_util import timed_us
 
 SHAPES = {  # (M, K, N): a rank's rows (4224 = (16384 + 512) / 4) x in -> out
     "single proj_mlp 3072->12288": (4224, 3072, 12288),
@@ -23,19 +24,9 @@ SHAPES = {  # (M, K, N): a rank's rows (4224 = (16384 + 512) / 4) x in -> out
 }
 
 
-def _time(fn, iters=20):
-    ts = []
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+def _time(fn) -> float:
+    """ms of one fn() call: median of 20 CUDA-event timings (gpu_util.timed_us)."""
+    return timed_us(fn, reps=1, samples=20) / 1e3
 
 
 def main():
