@@ -48,7 +48,7 @@ strides are copied into that order first). One stream per destination. Completio
 - "spin": the flags as in "flag", waited for by a small Triton kernel on the compute stream at the wait
   (runtime/spin_wait.py), with the XDIT_TIMEOUT_S timeout: nothing spins beside compute (the barrier kernel
   holds an SM while the GEMMs between start and wait run; one H200: a spinning CTA beside GEMMs slowed them
-  by 73-83%, benchmarks/results/session20/spin_gemm.md), and no front-end wait latency. Not yet timed on
+  by 73-86%, benchmarks/results/session20/spin_gemm.md), and no front-end wait latency. Not yet timed on
   several GPUs: opt in until it is.
 CUDA graphs capture all of it (fork / join through events, memcpy nodes, memop nodes or the barrier kernel).
 

@@ -6,7 +6,7 @@ kernel at the wait. Why not the other two completions:
 - "barrier": the signal-pad barrier kernel is queued on a side stream at the START and spins there until every
   peer's copies have landed, i.e. while the compute between start and wait runs. A spinning CTA holds an SM, and
   the GEMMs and attention beside it are built to use every SM: one H200, a <<<1, 1>>> spinner beside 8
-  back-to-back 4224 x 3072 -> 3072 GEMMs made them 73-83% slower, beside the attention 13-16% (two runs)
+  back-to-back 4224 x 3072 -> 3072 GEMMs made them 73-86% slower, beside the attention 13-16% (three runs)
   (benchmarks/spin_gemm.py, benchmarks/results/session20/spin_gemm.md).
 - "flag": the wait is cuStreamWaitValue32 in the GPU front end: no SM, but SDPA started ~45 us after the last
   flag was set (4 x H200), against ~13 us after the barrier kernel.
