@@ -48,6 +48,8 @@ Methods:
              whole (A/B against xdit_cg, which splits them by rows with one all-gather)  (N>1)
   xdit_cg_nocat  xdit_cg with compile.split_cat_linears = false: FLUX's single-block proj_out over the
              concatenation [attention, mlp] as one GEMM after a copy (A/B against xdit_cg; also at N=1)
+  xdit_cg_mat / xdit_cg_ce_fm_mat  xdit_cg / xdit_cg_ce_fm with compile.max_autotune = true (Inductor times its
+             Triton GEMM templates against cuBLAS per shape; xdit_cg_mat also at N=1)
   xdit_cg_cK xdit_cg + compile.ulysses_chunks = K (K = 2, 3, 5, 6: heads in K chunks, all-to-all of one chunk
              beside the attention of the previous one); xdit_cg_cKov the same + overlap  (N>1)
   diffusers  model.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree)); every attention
@@ -142,6 +144,10 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                   "all_to_all": "nccl"},
                 "xdit_cg_nocat": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "nccl",
                                   "split_cat_linears": False},
+                "xdit_cg_mat": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "nccl",
+                                "max_autotune": True},
+                "xdit_cg_ce_fm_mat": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                      "fuse_modulation": True, "max_autotune": True},
                 "xdit_cg_smnm": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "symm_mem",
                                  "shard_modulation": False}, **CHUNKED}
 # attention section of a method's plan (default: backend "auto", flash_attn.cute's kernel where it imports)
@@ -157,7 +163,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -230,7 +236,8 @@ def deg_str(d):
 
 def methods_for(n, methods):
     if n == 1:
-        return [m for m in methods if m in ("eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "xdit_cg_nocat")]
+        return [m for m in methods if m in ("eager", "inductor", "xdit", "xdit_ind", "xdit_cg", "xdit_cg_nocat",
+                                          "xdit_cg_mat")]
     return [m for m in methods if m in (*XDIT_METHODS, "diffusers", "diffusers_ind", *XFUSER_METHODS)]
 
 
@@ -828,6 +835,9 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_cg_nomod": "xdit_compile (Inductor + CUDA graphs, modulation linears not sharded)",
                 "xdit_cg_smnm": "xdit_compile (Inductor + CUDA graphs, symm-mem all-to-all, modulation not sharded)",
                 "xdit_cg_nocat": "xdit_compile (Inductor + CUDA graphs, linear over cat not split)",
+                "xdit_cg_mat": "xdit_compile (Inductor + CUDA graphs, max-autotune GEMMs)",
+                "xdit_cg_ce_fm_mat": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation GEMV, "
+                                     "max-autotune GEMMs)",
                 **{m: f"xdit_compile (Inductor + CUDA graphs, {c['ulysses_chunks']} head chunks"
                       f"{' + comm overlap' if c['overlap'] else ''})" for m, c in CHUNKED.items()},
                 "diffusers": "diffusers CP", "diffusers_ind": "diffusers CP (torch.compile)",

@@ -568,3 +568,34 @@ def test_split_cat_linears_in_the_pipeline():
         got = sum(r["fused"].get("split_cat_linears", 0) for r in m._xdit_compiler.reports)
         assert got == (m.config.num_single_layers if on else 0), got
         assert ("split_cat_linears:" in xdit_compile.explain(m)) == on
+
+
+def test_max_autotune_reaches_inductor(monkeypatch):
+    """compile.max_autotune = true: Inductor compiles the step with its GEMM autotuning on (ATEN and TRITON
+    backends) and the output is the model's; off, the patch is absent."""
+    import torch._inductor.compile_fx as cfx
+
+    import xdit_compile
+
+    real, seen = cfx.compile_fx, []
+
+    def recording(gm, example_inputs, config_patches=None, **kw):
+        if config_patches is not None:   # compile_fx calls itself again without them once they are applied
+            seen.append(dict(config_patches))
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", recording)
+    case = MODELS["flux"]
+    for on in (True, False):
+        torch._dynamo.reset()
+        seen.clear()
+        m = case.build()
+        with torch.no_grad():
+            ref = m(**case.inputs())[0]
+            xdit_compile.parallelize(m, {"compile": {"lowering": "inductor", "max_autotune": on}})
+            out = m(**case.inputs())[0]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert seen, "Inductor was not called"
+        assert all(p.get("max_autotune_gemm", False) == on for p in seen), seen
+        assert all((p.get("max_autotune_gemm_backends") == "ATEN,TRITON") == on for p in seen), seen
+

@@ -180,7 +180,7 @@ class XditCompiler:
         _warn_if_idle(gm, ctx)
         self.reports.append(_report(gm, ctx, len(self.reports)))
         comp = self.plan.compile
-        opts = {"cudagraphs": comp.cudagraphs, "overlap": comp.overlap}
+        opts = {"cudagraphs": comp.cudagraphs, "overlap": comp.overlap, "max_autotune": comp.max_autotune}
         if ctx.cache_info is None:
             return lower(gm, example_inputs, comp.lowering, **opts)
         import torch

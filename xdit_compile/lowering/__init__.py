@@ -47,13 +47,19 @@ def _register_wait_lowering():
     register_lowering(op, type_promotion_kind=None)(wait_lowering)
 
 
-def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: bool = False):
+def lower(gm, example_inputs, lowering: str, cudagraphs: bool = False, overlap: bool = False,
+          max_autotune: bool = False):
     if lowering == "eager":
         return gm.forward
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx
         # CUDA graphs only where every input lives on CUDA (Inductor skips them otherwise, with a log line).
         patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        if max_autotune:   # time Triton GEMM templates against cuBLAS per shape, keep the faster
+            from torch._inductor import config as inductor_config
+            patches.update({"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"})
+            if hasattr(inductor_config.triton, "enable_persistent_tma_matmul"):   # torch >= 2.6's TMA template
+                patches["triton.enable_persistent_tma_matmul"] = True
         if any(n.target is _a2a_start() for n in gm.graph.nodes):
             _register_wait_lowering()
             # schedule_transfers ordered the graph around the copy-engine transfers; keep that order. Inductor's

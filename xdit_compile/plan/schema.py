@@ -240,6 +240,12 @@ class CompileConfig:
     copied (one H200, FLUX 2048² at world size 1: a 9.8 ms copy per step). Any lowering, also without
     parallelism. Under all_to_all = "copy_engine" schedule_transfers splits it first, so its mlp half runs
     while the attention output travels."""
+    max_autotune: bool = False
+    """Inductor only: let Inductor time its Triton GEMM templates (persistent TMA ones included) against cuBLAS
+    at each matmul shape of the graph and keep the faster (``max_autotune_gemm``, backends ATEN and TRITON);
+    also lets it fuse a following add into a template's epilogue. Adds autotuning to the first call (seconds
+    per distinct shape). One H200, alone: cuBLAS stays ahead at most FLUX shapes, Triton wins the
+    12288 -> 3072 linears at a Ulysses-4 rank's 4224 rows by 4.7% (benchmarks/gemm_autotune.py)."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
@@ -251,6 +257,7 @@ class CompileConfig:
         _check_bool(f"{self.SECTION}.cudagraphs", self.cudagraphs)
         _check_bool(f"{self.SECTION}.decompose_collectives", self.decompose_collectives)
         _check_bool(f"{self.SECTION}.overlap", self.overlap)
+        _check_bool(f"{self.SECTION}.max_autotune", self.max_autotune)
         _check_bool(f"{self.SECTION}.shard_modulation", self.shard_modulation)
         _check_bool(f"{self.SECTION}.fuse_modulation", self.fuse_modulation)
         _check_bool(f"{self.SECTION}.fuse_gelu", self.fuse_gelu)
@@ -271,6 +278,9 @@ class CompileConfig:
         if self.overlap and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.overlap = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop overlap")
+        if self.max_autotune and self.lowering != "inductor":
+            raise ValueError(f"{self.SECTION}.max_autotune = true needs {self.SECTION}.lowering = \"inductor\", "
+                             f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop max_autotune")
         if self.cudagraphs and self.lowering != "inductor":
             raise ValueError(f"{self.SECTION}.cudagraphs = true needs {self.SECTION}.lowering = \"inductor\", "
                              f"got lowering = {self.lowering!r}; set lowering = \"inductor\" or drop cudagraphs")
