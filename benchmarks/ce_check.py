@@ -4,7 +4,8 @@ a block-shaped loop.
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
 Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N),
-XDIT_CE_SIGNAL = flag, barrier and spin, eagerly and
+XDIT_CE_SIGNAL = flag, barrier and spin (and barrier with XDIT_CE_LOCAL=triton: the own piece by
+runtime/local_copy.py's kernel), eagerly and
 as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention" -> o that alternate slots, as
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
@@ -104,8 +105,8 @@ def main():
             res.append(out)
         return res
 
-    for mode in ("flag", "barrier", "spin"):
-        os.environ["XDIT_CE_SIGNAL"] = mode
+    for mode, local in (("flag", "driver"), ("barrier", "driver"), ("spin", "driver"), ("barrier", "triton")):
+        os.environ["XDIT_CE_SIGNAL"], os.environ["XDIT_CE_LOCAL"] = mode, local
         for chunks, parts in ((1, 1), (2, 1)) + tuple((1, p) for p in (2, n) if p > 1 and n % p == 0):
             gen = torch.Generator(device=dev).manual_seed(rank)
             mk = lambda: (torch.randn(B, H, S, D, device=dev, generator=gen).to(bf),  # noqa: E731
@@ -133,7 +134,7 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph,
+            report(check="exact", signal=mode, local=local, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph,
                    ok=ok)
             del g
     if args.exact_only:
@@ -231,11 +232,32 @@ def main():
         return step
 
     cases = [(f"copies 2-D alone, rows of {hs * Dh * 2 // k} B", copies(True, k), {}) for k in (1, 2, 4)]
+    # the own piece (a copy inside this GPU) at FLUX 2048² on n ranks: q, k, v, o pieces of 16896 / n tokens x
+    # 24 / n heads out of 24, the driver's 2-D copy kernel (XDIT_CE_LOCAL=driver) against local_copy.copy2d
+    from xdit_compile.runtime.local_copy import copy2d
+    rows2, w2 = 16896 // n, 24 // n * Dh
+    own_src = torch.randn(rows2, 24 * Dh, device=dev, dtype=bf)
+    own_dst = torch.empty(4, n * rows2, w2, device=dev, dtype=bf)
+
+    def own(triton_kernel):
+        def step(slot):
+            for p in range(4):
+                if triton_kernel:
+                    copy2d(own_dst, (p * n + rank) * rows2 * w2, w2, own_src, rank * w2, 24 * Dh, w2, rows2)
+                else:
+                    ce_a2a._memcpy2d(own_dst[p, rank * rows2:].data_ptr(), w2 * 2,
+                                     own_src.data_ptr() + rank * w2 * 2, 24 * Dh * 2, w2 * 2, rows2,
+                                     torch.cuda.current_stream())
+        return step
+    cases += [("own piece x4 at FLUX 2048², driver 2-D copy", own(False), {}),
+              ("own piece x4 at FLUX 2048², local_copy.copy2d", own(True), {})]
     for name, step, env in (*cases, ("copies 1-D alone", copies(False), {}),
                             ("compute only", step_compute, {}), ("nccl", step_nccl, {}),
-                            ("ce barrier", step_ce, {"XDIT_CE_SIGNAL": "barrier"}),
-                            ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag"}),
-                            ("ce spin", step_ce, {"XDIT_CE_SIGNAL": "spin"})):
+                            ("ce barrier", step_ce, {"XDIT_CE_SIGNAL": "barrier", "XDIT_CE_LOCAL": "driver"}),
+                            ("ce barrier, triton own piece", step_ce, {"XDIT_CE_SIGNAL": "barrier",
+                                                                       "XDIT_CE_LOCAL": "triton"}),
+                            ("ce flag", step_ce, {"XDIT_CE_SIGNAL": "flag", "XDIT_CE_LOCAL": "driver"}),
+                            ("ce spin", step_ce, {"XDIT_CE_SIGNAL": "spin", "XDIT_CE_LOCAL": "driver"})):
         ms = timed(step, env)
         report(timing=name, ranks=n, ms_per_block=round(ms, 4), gpu=torch.cuda.get_device_name())
     _finish(rows, args.out, rank)

@@ -256,14 +256,16 @@ def _ce_op(rank: int, world_size: int) -> dict:
         z = wait([start(o, g, "op", 0, p, parts) for p, o in enumerate(outs)], outs, g, "op", 0, 0, parts)
         out[f"parts{parts}"] = ok and torch.equal(z, x * 2) and z.shape == x.shape
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
-                       "signal": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3)}.items():
+                       "signal": (x, g, "q", 0), "local": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3)}.items():
         os.environ["XDIT_CE_SIGNAL"] = "flags" if name == "signal" else "flag"
+        os.environ["XDIT_CE_LOCAL"] = "cuda" if name == "local" else "triton"   # triton: ignored off CUDA
         try:
             torch.ops.xdit.a2a_start(*args)
             out[name] = ""
         except ValueError as e:
             out[name] = str(e)
     os.environ.pop("XDIT_CE_SIGNAL")
+    os.environ.pop("XDIT_CE_LOCAL")
     return out
 
 
@@ -277,6 +279,7 @@ def test_copy_engine_op_on_cpu(world_size):
         assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
         assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"] and "'spin'" in r["signal"], r
+        assert "XDIT_CE_LOCAL='cuda'" in r["local"] and "'driver'" in r["local"] and "'triton'" in r["local"], r
 
 
 def test_symm_mem_refuses_chunks():

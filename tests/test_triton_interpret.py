@@ -112,3 +112,27 @@ def test_norm_rope_kernel_interpreted():
         print("ok")
     """)
     assert out.strip().endswith("ok")
+
+
+def test_local_copy_kernel_interpreted():
+    """local_copy.copy2d (the copy-engine all-to-all's own piece, XDIT_CE_LOCAL=triton): rows x width elements
+    between row pitches, at offsets, exactly as the same slices copied by torch; nothing outside them written."""
+    out = _interpret("""
+        import torch
+        from xdit_compile.runtime.local_copy import copy2d, triton
+        assert triton is not None
+        torch.manual_seed(0)
+        # (rows, width, spitch, dpitch, src_off, dst_off): ulysses-2/-4 q/k/v and o shapes (small), widths that are
+        # not a power of two, one wider than a block (1024)
+        for rows, width, sp, dp, so, do in [(37, 96, 192, 96, 96, 37 * 96), (5, 1536, 3072, 1536, 0, 0),
+                                            (9, 72, 72 * 3, 72 * 4, 144, 72 * 2), (3, 2050, 4100, 2050, 2050, 7)]:
+            for dtype in (torch.bfloat16, torch.float32):
+                src = torch.randn(so + rows * sp + 3).to(dtype)
+                dst = torch.full((do + rows * dp + 5,), -7.0, dtype=dtype)
+                want = dst.clone()
+                want[do:do + rows * dp].view(rows, dp)[:, :width] = src[so:so + rows * sp].view(rows, sp)[:, :width]
+                copy2d(dst, do, dp, src, so, sp, width, rows)
+                assert torch.equal(dst, want), (rows, width, sp, dp, so, do, dtype)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")

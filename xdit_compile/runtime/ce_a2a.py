@@ -32,7 +32,10 @@ its consumer reads it: q/k/v as (B, L, h, D) (SDPA takes the (B, h, L, D) transp
 (B, S, H, D) (the out projection reads (B, S, H * D), no copy). Rank r's piece for rank j is one 2-D copy
 (S rows of h * D elements; cuMemcpy2DAsync, copy engine) straight into j's buffer at r's rows (q/k/v) or
 r's heads (o), from x in (B, S, H, D) / (B, L, h, D) memory order (what the projection / SDPA produce; other
-strides are copied into that order first). One stream per destination. Completion (XDIT_CE_SIGNAL):
+strides are copied into that order first). One stream per destination. A rank's own piece stays on its GPU,
+where cuMemcpy2DAsync is the driver's copy kernel on the SMs, not a copy engine (FLUX 2048² ulysses 2 on
+2 x H200: 7.4 ms per 336.7 ms step, with no compute beside it); XDIT_CE_LOCAL=triton copies it with
+runtime/local_copy.py's kernel instead (opt-in: exact in benchmarks/ce_check.py, not timed yet). Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
   and makes each transfer a sync of all ranks. Faster than flags on 4 GPUs (FLUX 1024² ulysses 4, 4 x H100:
@@ -48,8 +51,9 @@ strides are copied into that order first). One stream per destination. Completio
 - "spin": the flags as in "flag", waited for by a small Triton kernel on the compute stream at the wait
   (runtime/spin_wait.py), with the XDIT_TIMEOUT_S timeout: nothing spins beside compute (the barrier kernel
   holds an SM while the GEMMs between start and wait run; one H200: a spinning CTA beside GEMMs slowed them
-  by 73-86%, benchmarks/results/session20/spin_gemm.md), and no front-end wait latency. Not yet timed on
-  several GPUs: opt in until it is.
+  by 73-86%, benchmarks/results/session20/spin_gemm.md), and no front-end wait latency. Opt-in: on 2 x H200
+  (FLUX 2048² ulysses 2) it was exact and no faster (348.2 against 347.6 ms/step with the barrier), and the
+  GEMMs beside a barrier kernel in that step's trace were not slower; 4 GPUs not timed yet.
 CUDA graphs capture all of it (fork / join through events, memcpy nodes, memop nodes or the barrier kernel).
 
 The wait returns a VIEW of the receive buffer, so it must be consumed before the buffer is written again.
@@ -81,6 +85,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .local_copy import copy2d
 from .symm_a2a import _in_side_thread, _timeout_ms
 
 __all__ = ["available", "a2a_start", "a2a_wait", "buffer_specs", "out_shape", "reserve"]
@@ -160,6 +165,14 @@ def _signal_mode() -> str:
         raise ValueError(f"XDIT_CE_SIGNAL={mode!r}: use 'barrier' (the default, a barrier kernel), 'flag' "
                          "(stream memory operations) or 'spin' (flags set by memory operations, waited for by a "
                          "kernel on the compute stream)")
+    return mode
+
+
+def _local_mode() -> str:
+    mode = os.environ.get("XDIT_CE_LOCAL", "driver")
+    if mode not in ("driver", "triton"):
+        raise ValueError(f"XDIT_CE_LOCAL={mode!r}: use 'driver' (the default: cuMemcpy2DAsync, which inside one GPU "
+                         "is the driver's copy kernel) or 'triton' (runtime/local_copy.py's kernel)")
     return mode
 
 
@@ -305,6 +318,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
     flag = _signal_mode() in ("flag", "spin")     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
+    local = _local_mode()
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)
@@ -349,7 +363,12 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
                 blk = (me - j - 1) % n if kind == "qr" else me
                 dst = st["ptrs"][j] + ((bi * n * rows + blk * rows) * h * d + chunk * hc * d) * e
                 dpitch = h * d * e
-            _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
+            if j == me and local == "triton":   # the own piece: an SM copy either way (runtime/local_copy.py)
+                with torch.cuda.stream(sj):
+                    copy2d(st["buf"], (dst - st["buf"].data_ptr()) // e, dpitch // e, xt, (src - xt.data_ptr()) // e,
+                           spitch // e, width // e, rows)
+            else:
+                _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
         if flag:
             if j != me:      # rank j's flag [chunk, me]: my pieces have landed there
                 _check_cu(_cuda()["write32"](ctypes.c_void_p(sj.cuda_stream), fl["ptrs"][j] + (fchunk * n + me) * 4,
