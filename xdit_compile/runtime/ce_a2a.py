@@ -35,7 +35,8 @@ r's heads (o), from x in (B, S, H, D) / (B, L, h, D) memory order (what the proj
 strides are copied into that order first). One stream per destination. A rank's own piece stays on its GPU,
 where cuMemcpy2DAsync is the driver's copy kernel on the SMs, not a copy engine (FLUX 2048² ulysses 2 on
 2 x H200: 7.4 ms per 336.7 ms step, with no compute beside it); XDIT_CE_LOCAL=triton copies it with
-runtime/local_copy.py's kernel instead (opt-in: exact in benchmarks/ce_check.py, not timed yet). Completion (XDIT_CE_SIGNAL):
+runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py checks and times it on GPUs, not run
+yet). Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
   and makes each transfer a sync of all ranks. Faster than flags on 4 GPUs (FLUX 1024² ulysses 4, 4 x H100:
