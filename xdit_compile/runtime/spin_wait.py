@@ -7,7 +7,9 @@ kernel at the wait. Why not the other two completions:
   peer's copies have landed, i.e. while the compute between start and wait runs. A spinning CTA holds an SM, and
   the GEMMs and attention beside it are built to use every SM: one H200, a <<<1, 1>>> spinner beside 8
   back-to-back 4224 x 3072 -> 3072 GEMMs made them 73-86% slower, beside the attention 13-16% (three runs)
-  (benchmarks/spin_gemm.py, benchmarks/results/session20/spin_gemm.md).
+  (benchmarks/spin_gemm.py, benchmarks/results/session20/spin_gemm.md). The real step did not show it on two
+  GPUs: FLUX 2048² ulysses 2 on 2 x H200 ran 347.6 ms with the barrier and 348.2 with this kernel, and the GEMMs
+  beside a barrier kernel were not slower (benchmarks/results/session21/).
 - "flag": the wait is cuStreamWaitValue32 in the GPU front end: no SM, but SDPA started ~45 us after the last
   flag was set (4 x H200), against ~13 us after the barrier kernel.
 Here nothing spins beside compute: the kernel runs in the compute stream's order, at the point where the data is
