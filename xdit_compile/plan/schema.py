@@ -244,8 +244,9 @@ class CompileConfig:
     """Inductor only: let Inductor time its Triton GEMM templates (persistent TMA ones included) against cuBLAS
     at each matmul shape of the graph and keep the faster (``max_autotune_gemm``, backends ATEN and TRITON);
     also lets it fuse a following add into a template's epilogue. Adds autotuning to the first call: 7-14 s per
-    tuned GEMM on an H200, several minutes for FLUX at 2048². One H200, alone: cuBLAS stays ahead at most FLUX shapes, Triton wins the
-    12288 -> 3072 linears at a Ulysses-4 rank's 4224 rows by 4.7% (benchmarks/gemm_autotune.py)."""
+    tuned GEMM on an H200, several minutes for FLUX at 2048². One H200, each GEMM alone: cuBLAS stays ahead at
+    most FLUX shapes; Triton wins the 12288 -> 3072 linears at a Ulysses-4 rank's 4224 rows by 4.7%
+    (benchmarks/gemm_autotune.py). The whole step is not timed yet."""
     overlap: bool = False
     """Inductor only: let Inductor reorder compute around the collectives it sees
     (``reorder_for_compute_comm_overlap``), e.g. an all-to-all next to an independent MLP."""
