@@ -134,7 +134,8 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, local=local, chunks=chunks, parts=parts, err_eager=err_eager, err_graph=err_graph,
+            report(check="exact", signal=mode, local=local, chunks=chunks, parts=parts, err_eager=err_eager,
+                   err_graph=err_graph,
                    ok=ok)
             del g
     if args.exact_only:

@@ -38,7 +38,8 @@ def main():
     dev = torch.device("cuda")
     lines = [f"# cuBLAS against Inductor's Triton GEMM templates, {torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}", "", "us per GEMM (median of 20 timings of 10 calls), TFLOP/s in brackets", "",
-             "| layer | M x K -> N | F.linear (cuBLAS) | cuBLASLt bias+GELU epilogue | Triton template (max-autotune) | "
+             "| layer | M x K -> N | F.linear (cuBLAS) | cuBLASLt bias+GELU epilogue | "
+             "Triton template (max-autotune) | "
              "best Triton / cuBLAS | autotune s |", "|---|---|---|---|---|---|---|"]
     for m in [int(v) for v in args.ms.split(",")]:
         for name, k, n, gelu in LAYERS:
