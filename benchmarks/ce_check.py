@@ -135,8 +135,7 @@ def main():
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
             report(check="exact", signal=mode, local=local, chunks=chunks, parts=parts, err_eager=err_eager,
-                   err_graph=err_graph,
-                   ok=ok)
+                   err_graph=err_graph, ok=ok)
             del g
     if args.exact_only:
         return _finish(rows, args.out, rank)
