@@ -72,11 +72,9 @@ def main():
         """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q)."""
         if parts > 1:
             toks = [ops.a2a_start(t, gname, kd, slot) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
-            vv, kk = (ops.a2a_wait([tk], [t], gname, kd, slot) for tk, t, kd in zip(toks, (v, k), ("v", "k")))
-            h = q.shape[1] // n    # parts = n: part 0 = this rank's own queries, from the local q, before q's wait
-            first = [attend(q[:, rank * h:(rank + 1) * h], kk, vv)] if parts == n else []
-            qq = ops.a2a_wait([toks[2]], [q], gname, "qr", slot)
-            outs = first + [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)[len(first):]]
+            vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot)
+                          for tk, t, kd in zip(toks, (v, k, q), ("v", "k", "qr")))
+            outs = [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)]
             toks = [ops.a2a_start(o, gname, "op", slot, p, parts) for p, o in enumerate(outs)]
             return ops.a2a_wait(toks, outs, gname, "op", slot, 0, parts).clone()
         outs = []

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Where the parallel step's time goes beyond 1/N of the 1-GPU step, in one device call (carry .whl and .fa):
 # the 1-GPU profile, then the N-GPU copy-engine profile with XDIT_CE_SIGNAL=barrier and =spin (rank 0's traces
-# analysed by trace_barriers.py on the machine; the traces stay there).
-#   bash benchmarks/gpu_overhead.sh N [MODEL]     (results: $OUT/profile_*.md, $OUT/barriers.md)
+# analysed by trace_barriers.py and trace_gaps.py on the machine, and brought back).
+#   bash benchmarks/gpu_overhead.sh N [MODEL]     (results: $OUT/profile_*.md, $OUT/barriers.md, $OUT/gaps.md)
 set -u
 N=${1:-2}; MODEL=${2:-flux2048}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -21,5 +21,8 @@ for s in barrier spin; do
 done
 python3 benchmarks/trace_barriers.py /tmp/trace_barrier.json.gz /tmp/trace_spin.json.gz --steps 2 2 \
   --md $OUT/barriers.md > /dev/null 2>&1; echo "trace_barriers rc=$?"
+python3 benchmarks/trace_gaps.py /tmp/trace_barrier.json.gz /tmp/trace_spin.json.gz --steps 2 2 \
+  --md $OUT/gaps.md > /dev/null 2>&1; echo "trace_gaps rc=$?"
+cp /tmp/trace_barrier.json.gz /tmp/trace_spin.json.gz $OUT/ 2>/dev/null   # rank 0's traces (a few hundred KB)
 for f in $OUT/profile_*.md; do echo "== $f"; sed -n 5,16p $f; done
 cat $OUT/barriers.md 2>/dev/null | head -30

@@ -195,13 +195,13 @@ def test_cuts_skip_attention_with_a_partner():
         for node in (q, k, v):
             node.meta["example_value"] = torch.empty((1, 8, 8, 16), device="meta")
         m = g.placeholder("mlp") if partner_first else None
-        att = g.call_function(ULYSSES_OP, (q, k, v, None, None, False, "g", [2, 2, 2, 2], "auto"))   # P < N
+        att = g.call_function(ULYSSES_OP, (q, k, v, None, None, False, "g", [4, 4], "auto"))
         o = g.call_method("reshape", (g.call_method("permute", (att, 0, 2, 1, 3)), 1, 4, 128))
         if m is None:
             m = g.call_function(torch.relu, (o,))
         g.output(g.call_function(torch.cat, ([o, m], -1)))
         gm = fx.GraphModule(torch.nn.Module(), g)
-        ctx = types.SimpleNamespace(attention_report=[{"node": "sdpa", "op_node": att.name, "became": "ulysses x4"}],
+        ctx = types.SimpleNamespace(attention_report=[{"node": "sdpa", "op_node": att.name, "became": "ulysses x2"}],
                                     all_to_all="copy_engine", **{opt: 2})
         assert decompose_ulysses_pass(gm, ctx)
         kinds = [n.args[2] for n in gm.graph.nodes if str(n.target).startswith(CE_START)]
@@ -247,8 +247,8 @@ def _ce_op(rank: int, world_size: int) -> dict:
     out["chunks"] = all(torch.equal(yc, full[:, rank * h + c:rank * h + c + 1]) for c, yc in enumerate(ys))
     ts = [start(yc.contiguous(), g, "o", 0, c, 2) for c, yc in enumerate(ys)]
     out["chunks_o"] = torch.equal(wait(ts, ys, g, "o", 0, 0, 2), x)
-    # query parts: q rotated (block b = rank + b's tokens), then the "attention" output back in P parts
-    rot = [(rank + blk) % world_size for blk in range(world_size)]
+    # query parts: q rotated (block b = rank + 1 + b's tokens), then the "attention" output back in P parts
+    rot = [(rank + 1 + blk) % world_size for blk in range(world_size)]
     for parts in (p for p in (2, 4) if world_size % p == 0):
         y = wait([start(x, g, "qr", 0)], [x], g, "qr", 0)
         ok = torch.equal(y, full[:, rank * h:(rank + 1) * h].unflatten(2, (world_size, s))[:, :, rot].flatten(2, 3))
@@ -529,11 +529,6 @@ def test_copy_engine_matches(key):
             sent = [i for i, x in enumerate(o) if x == "S:op" and i > first][:parts]
             assert att[0] < sent[0] < att[1] < sent[1], f"rank {rank}: {o}"
             assert parted == 1 and n_att == 2, f"rank {rank}: {r['explain']}"
-            if parts == 2:   # = ulysses: part 0 (the own queries, from the local q) is attended before q's wait,
-                for seq in (o, r["code_order"]):   # in the graph and in what Inductor generated
-                    first = seq.index("S:qr")
-                    att0 = next(i for i, x in enumerate(seq) if x == "sdpa" and i > first)
-                    assert att0 < seq.index("W:qr"), f"rank {rank}: {seq}"
         assert "copy-engine" in r["explain"] and "schedule_transfers: " in r["explain"]
         # a2a_wait returns a view of a receive buffer peers write into: Inductor must never reuse its memory
         assert r["wait_reusable"] == [], f"rank {rank}: {r['wait_reusable']}"

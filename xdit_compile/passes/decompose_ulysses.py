@@ -43,15 +43,13 @@ are placed by schedule_transfers (the next pass), which puts independent compute
 
 With compile.query_parts = P (P divides N, no head chunks; only for attention whose output is not concatenated
 with a tensor computed before it, see _output_has_partner) q travels rotated ("qr": block b of rank j's
-queries are rank (j + b) % N's tokens), SDPA runs per query part and each part's output starts back at
-once ("op"); one wait takes every part. Part p's transfer runs beside part p + 1's attention: what a FLUX
-double block, with nothing independent after its attention, can hide of the output's return trip. With P = N,
-part 0 is the rank's own queries: they are attended from the local q (its own heads, a view) before q's wait,
-so q's transfer runs beside that attention too, and part 0's output needs no transfer.
+queries are rank (j + 1 + b) % N's tokens), SDPA runs per query part and each part's output starts back at
+once ("op"); one wait takes every part. Part p's transfer runs beside part p + 1's attention, and the part
+computed last ends with the rank's own tokens (no transfer): what a FLUX double block, with nothing
+independent after its attention, can hide of the output's return trip.
 
     tq = a2a_start(q, "g", "qr", slot) ; tk, tv as above ; q_r = a2a_wait([tq], [q], "g", "qr", slot)
     o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
-    o_0 = sdpa(q[:, me * h:(me + 1) * h], k_l, v_l)                         # instead, where P = N
     o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
 
 With compile.ulysses_chunks = C (again only for attention without such a partner) each q/k/v start sends one
@@ -147,7 +145,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
-                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts, len(sizes))
+                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts)
                 qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
                 if hasattr(ctx, "ce_buffers"):
                     ctx.ce_buffers += ce_a2a.buffer_specs(group, len(sizes), (*qv.shape[:2], sizes[0], qv.shape[3]),
@@ -277,8 +275,7 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     return contiguous(o)
 
 
-def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1,
-                      n: int = 0) -> fx.Node:
+def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1) -> fx.Node:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
     query part of the rotated q instead, each part's output sent back at once."""
@@ -288,15 +285,9 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
         tokens = {kind: g.call_function(start, (x, group, kind, slot, 0, 1)) for kind, x in qkv}
         got = {kind: g.call_function(wait, ([tokens[kind]], [x], group, kind, slot, 0, 1)) for kind, x in qkv}
         qs = g.call_function(aten.unflatten.int, (got["qr"], 2, [parts, -1]))        # (B, h, P, L/P, D)
-        if parts == n:   # part 0 = this rank's own queries (block 0 of qr): its own heads of the local q
-            me = ce_a2a.dist.distributed_c10d._resolve_process_group(group).rank()
-            h = q.meta["example_value"].shape[1] // n
         outs, sent = [], []
         for p in range(parts):
-            if p == 0 and parts == n:   # attended before q's wait, so q's transfer runs beside it
-                qp = g.call_function(aten.slice.Tensor, (q, 1, me * h, (me + 1) * h))   # (B, h, S, D)
-            else:
-                qp = g.call_function(aten.select.int, (qs, 2, p))
+            qp = g.call_function(aten.select.int, (qs, 2, p))
             o = g.call_function(F.scaled_dot_product_attention, (qp, got["k"], got["v"]), {"scale": scale})
             outs.append(o)                                                        # (B, h, L/P, D)
             sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))

@@ -182,10 +182,8 @@ class CompileConfig:
     query_parts: int = 1
     """With all_to_all = "copy_engine": attend the queries in this many parts and send each part's output back as
     soon as it is computed, so the return trip runs beside the next part's attention (1: one output transfer
-    after the whole attention). The queries come in an order rotated per rank, so part 0 holds this rank's own
-    tokens; with query_parts = ulysses it holds only those, is attended from the local q before q's transfer is
-    waited for (that transfer then runs beside it) and its output needs no transfer, so only the last part's
-    return is exposed. Rounded down to a divisor of the Ulysses degree. Only for
+    after the whole attention). The queries come in an order rotated per rank, so the part computed last holds
+    this rank's own tokens, which need no transfer. Rounded down to a divisor of the Ulysses degree. Only for
     attention whose output is not concatenated with a tensor computed before it (FLUX: the double blocks; the
     single blocks' output transfer already runs beside the mlp half of proj_out). Exact. Applied to every
     attention it was not faster (4 x H200, FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step); the double blocks

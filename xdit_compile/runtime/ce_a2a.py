@@ -16,10 +16,8 @@ shard of the sequence (all shards equal).
 Query parts (compile.query_parts = P, P divides N): the attention output goes back in P parts, each
 sent as soon as its queries are attended, so the transfer of part p runs beside the attention of part p + 1.
 kind "qr" is "q" with the sequence ROTATED per rank: block b of rank j's result holds the tokens of rank
-(j + b) % N, so block 0 is j's own (keys and values keep their order: attention without a mask does not depend
-on the order of the keys). With P = N, part 0 is those own queries alone: decompose_ulysses attends them from
-the local q before waiting for the peers' (so q's transfer runs beside that attention), and part 0's output
-stays on this rank. kind "op",
+(j + 1 + b) % N, so the last block is j's own and the block whose output goes out last needs no transfer (keys
+and values keep their order: attention without a mask does not depend on the order of the keys). kind "op",
 part p of P: x (B, h, L/P, D) is the attention output of blocks p * N/P .. (p + 1) * N/P - 1 of that rotated
 sequence, sent to the ranks they belong to; one "op" wait takes every part and returns (B, h*N, L/N, D) like "o".
 
@@ -328,7 +326,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
     b, d = xt.shape[0], xt.shape[3]
     per = n // chunks if kind == "op" else n                 # rank blocks in x (op: in one query part)
-    dests = [(me + chunk * per + i) % n for i in range(per)] if kind == "op" else list(range(n))
+    dests = [(me + 1 + chunk * per + i) % n for i in range(per)] if kind == "op" else list(range(n))
     if kind in ("o", "op"):
         rows, h = shape[2], mem_shape[2] // n            # tokens per piece, local heads of the whole output
         hc = h // chunks if kind == "o" else h
@@ -363,7 +361,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
                 dpitch = n * h * d * e
             else:
                 spitch = n * h * d * e
-                blk = (me - j) % n if kind == "qr" else me
+                blk = (me - j - 1) % n if kind == "qr" else me
                 dst = st["ptrs"][j] + ((bi * n * rows + blk * rows) * h * d + chunk * hc * d) * e
                 dpitch = h * d * e
             if j == me and local == "triton":   # the own piece: an SM copy either way (runtime/local_copy.py)
@@ -416,8 +414,8 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
         if chunk < chunks - 1:
             return
         del _PARTS[key]
-        xt = torch.cat(parts, 1).unflatten(1, (n, -1))               # (B, N, S', h, D), block b: rank me + b
-        xt = xt[:, [(j - me) % n for j in range(n)]].flatten(1, 2)   # back to rank order
+        xt = torch.cat(parts, 1).unflatten(1, (n, -1))               # (B, N, S', h, D), block b: rank me + 1 + b
+        xt = xt[:, [(j - me - 1) % n for j in range(n)]].flatten(1, 2)  # back to rank order
         chunks, chunk = 1, 0
     if kind in ("o", "op"):  # pieces = sequence slices of this chunk: (N, B, S', hc, D)
         send = xt.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
@@ -427,9 +425,9 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
     dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
     if kind in ("o", "op"):  # (B, S', H, D) with H = (P, C, hc)
         buf.unflatten(2, (n, chunks, hc))[:, :, :, chunk].copy_(recv.permute(1, 2, 0, 3, 4))
-    else:                    # (B, L, h, D) with L = (P, S), h = (C, hc); qr: block b from rank me + b
+    else:                    # (B, L, h, D) with L = (P, S), h = (C, hc); qr: block b from rank me + 1 + b
         if kind == "qr":
-            recv = recv[[(me + b) % n for b in range(n)]]
+            recv = recv[[(me + 1 + b) % n for b in range(n)]]
         buf.unflatten(2, (chunks, hc))[:, :, chunk].copy_(recv.transpose(0, 1).flatten(1, 2))
 
 
