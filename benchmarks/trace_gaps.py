@@ -63,7 +63,8 @@ def analyse(path: str, steps: int, min_us: float) -> list[str]:
            f"{len(gaps)} gaps of >= {min_us:g} us with no compute kernel on any stream in {steps} step(s): "
            f"{total / 1e3 / steps:.2f} ms per step (first to last compute kernel: {span / 1e3 / steps:.1f} ms per "
            "step).", "",
-           "| compute kernel before | compute kernel after | gaps per step | ms per step | mean us | ran inside (us per gap) |",
+           "| compute kernel before | compute kernel after | gaps per step | ms per step | mean us | "
+           "ran inside (us per gap) |",
            "|---|---|---|---|---|---|"]
     for (before, after), (n, t, inside) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
         ins = ", ".join(f"{k} {v / n:.0f}" for k, v in inside.most_common(3)) or "nothing"

@@ -74,3 +74,35 @@ def test_profile_compute_union():
           (60, 61, "Memset (Unknown)"), (70, 70, "nvjet_empty")]
     assert ps.compute_union(ks) == 25.0
     assert ps.compute_union([]) == 0.0
+
+
+def test_trace_gaps(tmp_path):
+    """trace_gaps: an interval with no compute kernel on any stream is a gap, named by the compute kernels either
+    side (kernels on other streams that overlap count as compute), with what ran inside it; shorter gaps drop."""
+    import gzip
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import trace_gaps
+
+    def k(name, ts, dur, cat="kernel", tid=7):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    ev = [k("rope_q", 0, 10), k("gemm_side", 5, 10, tid=9),      # compute on two streams: busy until 15
+          k("c10d::symmetric_memory::barrier_kernel(x)", 12, 30),  # waits 15 .. 40
+          k("Memcpy PtoP (Device -> Device)", 14, 20, cat="gpu_memcpy"),
+          k("flash_sdpa", 40, 50),                                  # gap 15 .. 40, after gemm_side (it ends last)
+          k("gemm_out", 92, 10),                                    # gap 90 .. 92: below 5 us
+          k("flash_sdpa", 140, 50), k("gemm_out", 220, 10)]          # gaps 102 .. 140 and 190 .. 220
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    lines = trace_gaps.analyse(str(path), steps=1, min_us=5)
+    text = "\n".join(lines)
+    assert "3 gaps of >= 5 us" in text and "0.09 ms per step" in text, text
+    assert lines.index(next(ln for ln in lines if ln.startswith("| `gemm_out`"))) < lines.index(
+        next(ln for ln in lines if ln.startswith("| `gemm_side`"))), text     # largest total first
+    row = next(ln for ln in lines if ln.startswith("| `gemm_side`"))
+    assert "`flash_sdpa`" in row and "| 0.03 | 25 |" in row, row
+    assert "wait kernel 25" in row and "copy engine (PtoP) 19" in row, row
+    row = next(ln for ln in lines if ln.startswith("| `flash_sdpa`"))
+    assert "`gemm_out`" in row and "| 30 | nothing |" in row, row
