@@ -58,20 +58,25 @@ def analyse(path: str, steps: int) -> list[str]:
     return out + [""]
 
 
-def main():
+def cli(title: str, analyse_fn, **options) -> None:
+    """The command line of this and trace_gaps.py: traces, --steps per trace, --md; `options` adds keyword
+    arguments of analyse_fn as --flags (name: (type, default))."""
     ap = argparse.ArgumentParser()
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--steps", type=int, nargs="+", default=[3], help="profiled steps in each trace")
+    for name, (typ, default) in options.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
     ap.add_argument("--md", default="")
     args = ap.parse_args()
+    kw = {name: getattr(args, name) for name in options}
     lines = []
     for i, t in enumerate(args.traces):
-        lines += analyse(t, args.steps[min(i, len(args.steps) - 1)])
+        lines += analyse_fn(t, args.steps[min(i, len(args.steps) - 1)], **kw)
     text = "\n".join(lines)
     print(text)
     if args.md:
-        open(args.md, "w").write("# Barrier kernels in recorded copy-engine traces (rank 0)\n\n" + text + "\n")
+        open(args.md, "w").write(f"# {title}\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli("Barrier kernels in recorded copy-engine traces (rank 0)", analyse)

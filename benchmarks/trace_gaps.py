@@ -9,7 +9,6 @@ copy-engine barrier, the spin-wait kernel, copies and memsets, on any stream; a 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import json
@@ -72,21 +71,6 @@ def analyse(path: str, steps: int, min_us: float) -> list[str]:
     return out + [""]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("traces", nargs="+")
-    ap.add_argument("--steps", type=int, nargs="+", default=[3], help="profiled steps in each trace")
-    ap.add_argument("--min-us", type=float, default=5.0)
-    ap.add_argument("--md", default="")
-    args = ap.parse_args()
-    lines = []
-    for i, t in enumerate(args.traces):
-        lines += analyse(t, args.steps[min(i, len(args.steps) - 1)], args.min_us)
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        open(args.md, "w").write("# Time with no compute kernel running, in recorded traces (rank 0)\n\n" + text + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    from trace_barriers import cli
+    cli("Time with no compute kernel running, in recorded traces (rank 0)", analyse, min_us=(float, 5.0))
