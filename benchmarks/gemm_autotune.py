@@ -3,9 +3,9 @@ of a FLUX step? One GPU, bf16, each shape alone: F.linear (cuBLAS / cuBLASLt, wh
 cuBLASLt bias+GELU epilogue (compile.fuse_gelu), and torch.compile(max-autotune-no-cudagraphs) restricted to
 Triton templates (with the bias, and the GELU where the layer has one, fused into the template's epilogue).
 
-    python3 benchmarks/gemm_autotune.py [--ms 4224,16896] [--out gemm_autotune.md]
+    python3 benchmarks/gemm_autotune.py [--ms 4224,16896] [--model flux|wan] [--out gemm_autotune.md]
 
-M = tokens per rank: 4224 = (16384 + 512) / 4 (FLUX 2048² Ulysses 4), 16896 (one GPU), 1152 (1024² Ulysses 4).
+M = tokens per rank: 4224 = (16384 + 512) / 4 (FLUX 2048² Ulysses 4), 16896 (one GPU), 1152 (1024² Ulysses 4); Wan 480p: 8190 = 32760 / 4, 32760.
 """
 from __future__ import annotations
 
@@ -21,14 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_util import timed_us  # noqa: E402
 
-LAYERS = [("to_q / to_k / to_v / to_out / proj_out attn half", 3072, 3072, False),
-          ("proj_mlp / ff up (+GELU)", 3072, 12288, True),
-          ("proj_out mlp half / ff down", 12288, 3072, False)]
+LAYERS = {"flux": [("to_q / to_k / to_v / to_out / proj_out attn half", 3072, 3072, False),
+                   ("proj_mlp / ff up (+GELU)", 3072, 12288, True),
+                   ("proj_out mlp half / ff down", 12288, 3072, False)],
+          "wan": [("to_q / to_k / to_v / to_out", 5120, 5120, False),
+                  ("ffn up (+GELU)", 5120, 13824, True),
+                  ("ffn down", 13824, 5120, False)]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="4224,16896")
+    ap.add_argument("--model", choices=sorted(LAYERS), default="flux")
     ap.add_argument("--out", default="gemm_autotune.md")
     args = ap.parse_args()
     import torch._inductor.config as ic
@@ -42,7 +46,7 @@ def main():
              "Triton template (max-autotune) | "
              "best Triton / cuBLAS | autotune s |", "|---|---|---|---|---|---|---|"]
     for m in [int(v) for v in args.ms.split(",")]:
-        for name, k, n, gelu in LAYERS:
+        for name, k, n, gelu in LAYERS[args.model]:
             torch.manual_seed(0)
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5

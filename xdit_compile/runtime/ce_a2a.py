@@ -33,10 +33,12 @@ its consumer reads it: q/k/v as (B, L, h, D) (SDPA takes the (B, h, L, D) transp
 (S rows of h * D elements; cuMemcpy2DAsync, copy engine) straight into j's buffer at r's rows (q/k/v) or
 r's heads (o), from x in (B, S, H, D) / (B, L, h, D) memory order (what the projection / SDPA produce; other
 strides are copied into that order first). One stream per destination. A rank's own piece stays on its GPU,
-where cuMemcpy2DAsync is the driver's copy kernel on the SMs, not a copy engine (FLUX 2048² ulysses 2 on
-2 x H200: 7.4 ms per 336.7 ms step, with no compute beside it); XDIT_CE_LOCAL=triton copies it with
-runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py checks and times it on GPUs, not run
-yet). Completion (XDIT_CE_SIGNAL):
+where cuMemcpy2DAsync is the driver's copy kernel on the SMs, not a copy engine. It is shorter than the peers'
+copies it runs beside (FLUX 2048² ulysses 2: ~32 against ~74 us), so where compute waits for a transfer it is off
+the critical path; launched before a GEMM it delays that GEMM by ~5 us at FLUX 2048² ulysses 4, and neither a
+Triton kernel nor a rank-major 1-D layout did better (benchmarks/results/session22/). XDIT_CE_LOCAL=triton copies
+it with runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py checks it on GPUs, not run yet).
+Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
   and makes each transfer a sync of all ranks. Faster than flags on 4 GPUs (FLUX 1024² ulysses 4, 4 x H100:

@@ -3,8 +3,10 @@
 A rank's piece for itself cannot use a copy engine: cuMemcpy2DAsync inside one GPU runs as the driver's
 ``memcpyDtoD2D_aligned_smalldiffpitch`` kernel. In the FLUX 2048² Ulysses-2 step on 2 x H200 those kernels took
 7.4 ms per step (228 pieces of 26 MB: ~1.6 TB/s of read + write) and ran with no compute beside them: the
-union of compute kernels (326.1 ms) is their sum (benchmarks/results/session21/overhead_u2/). This kernel copies
-the same rows (inner stride 1, any row pitch) with wide loads; both are SM kernels on the piece's stream.
+union of compute kernels (326.1 ms) is their sum (benchmarks/results/session21/overhead_u2/), though they overlap
+the wait for the peers' longer copies. This kernel copies the same rows (inner stride 1, any row pitch) with wide
+loads; both are SM kernels on the piece's stream. On one H200 it was exact and not faster than the driver's copy
+(benchmarks/results/session22/ce_local_copy.md), so it stays opt-in.
 
     copy2d(dst, dst_off, dpitch, src, src_off, spitch, width, rows)   # all in elements of src's dtype
 
