@@ -6,6 +6,9 @@ copies, the own piece's copy kernel, memsets), summed per step over gaps of the 
 
 CUDA graphs spread one stream's kernels over many streams, so "compute" is every kernel except the
 copy-engine barrier, the spin-wait kernel, copies and memsets, on any stream; a gap is time when none runs.
+
+It also says whether the peer copies (copy engine, one stream per destination) ever ran at the same time: how many
+back-to-back pairs overlapped, each copy's median time and rate, and the median idle time between consecutive ones.
 """
 from __future__ import annotations
 
@@ -68,7 +71,23 @@ def analyse(path: str, steps: int, min_us: float) -> list[str]:
     for (before, after), (n, t, inside) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
         ins = ", ".join(f"{k} {v / n:.0f}" for k, v in inside.most_common(3)) or "nothing"
         out.append(f"| `{before}` | `{after}` | {n / steps:g} | {t / 1e3 / steps:.2f} | {t / n:.0f} | {ins} |")
-    return out + [""]
+    return out + ["", _peer_copies(ev), ""]
+
+
+def _peer_copies(ev: list) -> str:
+    """One line: do a rank's copy-engine peer copies run concurrently, or one at a time?"""
+    p2p = sorted((e for e in ev if "ptop" in e["name"].lower()), key=lambda e: e["ts"])
+    if len(p2p) < 2:
+        return "Peer copies (copy engine): none recorded."
+    pairs = list(zip(p2p, p2p[1:]))
+    overlap = sum(b["ts"] < a["ts"] + a["dur"] for a, b in pairs)
+    idle = sorted(g for g in (b["ts"] - a["ts"] - a["dur"] for a, b in pairs) if 0 <= g < 10)
+    dur = sorted(e["dur"] for e in p2p)
+    rate = sorted(e.get("args", {}).get("bytes", 0) / e["dur"] / 1e3 for e in p2p)
+    mid = lambda xs: xs[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    return (f"Peer copies (copy engine): {len(p2p)}; {overlap} of {len(pairs)} consecutive pairs overlapped in time; "
+            f"median {mid(dur):.1f} us each ({mid(rate):.0f} GB/s); median idle between back-to-back copies "
+            f"{mid(idle):.1f} us.")
 
 
 if __name__ == "__main__":

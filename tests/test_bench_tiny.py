@@ -106,3 +106,13 @@ def test_trace_gaps(tmp_path):
     assert "wait kernel 25" in row and "copy engine (PtoP) 19" in row, row
     row = next(ln for ln in lines if ln.startswith("| `flash_sdpa`"))
     assert "`gemm_out`" in row and "| 30 | nothing |" in row, row
+    assert "Peer copies (copy engine): none recorded." in text, text   # one copy: nothing to pair
+
+    # with the one above: three more one after another (4 us apart), then two that overlap: 1 of 5 pairs overlapped
+    p2p = [k("Memcpy PtoP (Device -> Device)", ts, 20, cat="gpu_memcpy") | {"args": {"bytes": 6_000_000}}
+           for ts in (300, 324, 348, 400, 410)]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev + p2p}, f)
+    line = trace_gaps.analyse(str(path), steps=1, min_us=5)[-2]
+    assert line.startswith("Peer copies (copy engine): 6; 1 of 5 consecutive pairs overlapped"), line
+    assert "median 20.0 us each (300 GB/s)" in line and "back-to-back copies 4.0 us" in line, line
