@@ -5,7 +5,8 @@ a block-shaped loop.
 
 Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N),
 XDIT_CE_SIGNAL = flag, barrier and spin (and barrier with XDIT_CE_LOCAL=triton: the own piece by
-runtime/local_copy.py's kernel), eagerly and
+runtime/local_copy.py's kernel; barrier with XDIT_CE_SM_PEERS=1 and flag with every peer's piece stored by SMs,
+on starts marked exposed), eagerly and
 as a CUDA graph replayed with fresh inputs (ROUNDS rounds of q/k/v -> "attention" -> o that alternate slots, as
 decompose_ulysses emits them), every result is compared exactly with the same all-to-all computed from an
 all-gather. Timing (CUDA graph, FLUX single block at 1024² on N ranks): per round the q/k/v transfers beside
@@ -68,22 +69,24 @@ def main():
         mask), exact in any order of evaluation."""
         return (q.float() * k.float().amax(2, keepdim=True) + v.float().amin(2, keepdim=True)).to(bf)
 
+    ex = {}   # a2a_start's keyword arguments: {"exposed": True} for the XDIT_CE_SM_PEERS cases
+
     def block(q, k, v, slot, chunks, parts=1):
         """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q)."""
         if parts > 1:
-            toks = [ops.a2a_start(t, gname, kd, slot) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
+            toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
             vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot)
                           for tk, t, kd in zip(toks, (v, k, q), ("v", "k", "qr")))
             outs = [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)]
-            toks = [ops.a2a_start(o, gname, "op", slot, p, parts) for p, o in enumerate(outs)]
+            toks = [ops.a2a_start(o, gname, "op", slot, p, parts, **ex) for p, o in enumerate(outs)]
             return ops.a2a_wait(toks, outs, gname, "op", slot, 0, parts).clone()
         outs = []
         for c in range(chunks):
-            toks = [ops.a2a_start(t, gname, kd, slot, c, chunks) for t, kd in ((q, "q"), (k, "k"), (v, "v"))]
+            toks = [ops.a2a_start(t, gname, kd, slot, c, chunks, **ex) for t, kd in ((q, "q"), (k, "k"), (v, "v"))]
             qq, kk, vv = (ops.a2a_wait([tk], [t], gname, kd, slot, c, chunks)
                           for tk, t, kd in zip(toks, (q, k, v), "qkv"))
             o = attend(qq, kk, vv)
-            outs.append((ops.a2a_start(o, gname, "o", slot, c, chunks), o))
+            outs.append((ops.a2a_start(o, gname, "o", slot, c, chunks, **ex), o))
         return ops.a2a_wait([t for t, _ in outs], [o for _, o in outs], gname, "o", slot, 0, chunks).clone()
 
     def rounds(xs, chunks, parts=1):
@@ -105,8 +108,12 @@ def main():
             res.append(out)
         return res
 
-    for mode, local in (("flag", "driver"), ("barrier", "driver"), ("spin", "driver"), ("barrier", "triton")):
+    for mode, local, sm in (("flag", "driver", 0), ("barrier", "driver", 0), ("spin", "driver", 0),
+                            ("barrier", "triton", 0), ("barrier", "driver", 1), ("flag", "driver", n - 1)):
         os.environ["XDIT_CE_SIGNAL"], os.environ["XDIT_CE_LOCAL"] = mode, local
+        os.environ["XDIT_CE_SM_PEERS"] = str(sm)
+        ex.clear()
+        ex.update({"exposed": True} if sm else {})
         for chunks, parts in ((1, 1), (2, 1)) + tuple((1, p) for p in (2, n) if p > 1 and n % p == 0):
             gen = torch.Generator(device=dev).manual_seed(rank)
             mk = lambda: (torch.randn(B, H, S, D, device=dev, generator=gen).to(bf),  # noqa: E731
@@ -134,9 +141,11 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, local=local, chunks=chunks, parts=parts, err_eager=err_eager,
-                   err_graph=err_graph, ok=ok)
+            report(check="exact", signal=mode, local=local, sm_peers=sm, chunks=chunks, parts=parts,
+                   err_eager=err_eager, err_graph=err_graph, ok=ok)
             del g
+    os.environ["XDIT_CE_SM_PEERS"] = "0"
+    ex.clear()
     if args.exact_only:
         return _finish(rows, args.out, rank)
     # ---- timing: FLUX single block at 1024² (4608 tokens, 24 x 128 heads) on n ranks

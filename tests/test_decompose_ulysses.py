@@ -256,9 +256,11 @@ def _ce_op(rank: int, world_size: int) -> dict:
         z = wait([start(o, g, "op", 0, p, parts) for p, o in enumerate(outs)], outs, g, "op", 0, 0, parts)
         out[f"parts{parts}"] = ok and torch.equal(z, x * 2) and z.shape == x.shape
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
-                       "signal": (x, g, "q", 0), "local": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3)}.items():
+                       "signal": (x, g, "q", 0), "local": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3),
+                       "sm": (x, g, "q", 0)}.items():
         os.environ["XDIT_CE_SIGNAL"] = "flags" if name == "signal" else "flag"
         os.environ["XDIT_CE_LOCAL"] = "cuda" if name == "local" else "triton"   # triton: ignored off CUDA
+        os.environ["XDIT_CE_SM_PEERS"] = "one" if name == "sm" else "1"       # 1: ignored off CUDA
         try:
             torch.ops.xdit.a2a_start(*args)
             out[name] = ""
@@ -266,6 +268,7 @@ def _ce_op(rank: int, world_size: int) -> dict:
             out[name] = str(e)
     os.environ.pop("XDIT_CE_SIGNAL")
     os.environ.pop("XDIT_CE_LOCAL")
+    os.environ.pop("XDIT_CE_SM_PEERS")
     return out
 
 
@@ -280,6 +283,7 @@ def test_copy_engine_op_on_cpu(world_size):
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
         assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"] and "'spin'" in r["signal"], r
         assert "XDIT_CE_LOCAL='cuda'" in r["local"] and "'driver'" in r["local"] and "'triton'" in r["local"], r
+        assert "XDIT_CE_SM_PEERS='one'" in r["sm"] and "group size - 1" in r["sm"], r
 
 
 def test_symm_mem_refuses_chunks():
@@ -414,6 +418,7 @@ def _run_case(case: dict) -> dict:
     targets = [str(n.target) for r in reports for n in r["graph"].graph.nodes if n.op == "call_function"]
     attention = [a for r in reports for a in r["attention"]]
     order = []     # the graph order, coarse: starts / waits with their kind, linears, attention
+    exposed = []   # per start, in graph order: (kind, whether it says nothing computes beside it)
     unchained = 0  # starts that do not take the previous start's token
     for r in reports:
         prev = None
@@ -421,6 +426,7 @@ def _run_case(case: dict) -> dict:
             t = str(n.target)
             if t.startswith(CE_START):
                 unchained += n.kwargs.get("after") is not prev
+                exposed.append((n.args[2], bool(n.kwargs.get("exposed"))))
                 prev = n
             if t.startswith(CE_START) or t.startswith(CE_WAIT):
                 start = t.startswith(CE_START)
@@ -441,6 +447,9 @@ def _run_case(case: dict) -> dict:
                 code_order.append("sdpa")
     return {
         "order": order,
+        "exposed": exposed,
+        "code_exposed": sum(bool(re.search(r"xdit\.a2a_start\.default\(.*(exposed=|, )True\)", line))
+                            for code in codes for line in code.splitlines()),
         "code_order": code_order,
         "unchained": unchained,
         # copy-engine buffers made during the run that the backend did not make before it (should be none)
@@ -578,6 +587,18 @@ def test_copy_engine_starts_in_one_order(key):
     # and every buffer they use was made before the graph first ran (no rendezvous inside the first run)
     assert all(r["ce_reserved"] >= 4 and not r["ce_late"] for r in rs), [(r["ce_reserved"], r["ce_late"]) for r in rs]
     assert code_starts == fx_starts, f"Inductor's order {code_starts} != the graph's {fx_starts}"
+
+
+@pytest.mark.parametrize("key,want", [("flux_ce", [True] * 4 + [False] * 4), ("wan_ce", [True] * 4),
+                                      ("flux_ce_c2", [False] * 12), ("flux_ce_qp2", [False] * 9)])
+def test_copy_engine_exposed_starts(key, want):
+    """Starts say exposed=True (XDIT_CE_SM_PEERS may then put SM kernels on them) only where nothing computes
+    beside the transfer: FLUX's double block (its output has no partner), Wan's self-attention; not FLUX's single
+    block (proj_mlp runs beside), nor head chunks or query parts (the attention runs beside). The flag reaches the
+    generated code."""
+    for rank, r in enumerate(_results(key)):
+        assert [e for _, e in r["exposed"]] == want, f"rank {rank}: {r['exposed']}"
+        assert r["code_exposed"] == sum(want), f"rank {rank}: {r['code_exposed']}"
 
 
 def test_fuse_linears_with_copy_engine():

@@ -52,6 +52,10 @@ independent after its attention, can hide of the output's return trip.
     o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
     o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
 
+Attention without such a partner, in one chunk and one part, has nothing computing beside its transfers: its
+starts carry exposed=True, and with XDIT_CE_SM_PEERS=k SM kernels store k peers' pieces of them over NVLink
+beside the copy engine, which runs a rank's peer copies one at a time (runtime/ce_a2a.py).
+
 With compile.ulysses_chunks = C (again only for attention without such a partner) each q/k/v start sends one
 head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA runs per chunk on its wait's view and each chunk's output
 starts back at once; one wait takes every output chunk's token. Chunk c + 1's q/k/v transfers run beside chunk
@@ -135,7 +139,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
         chunks = 1 if ring else _chunks(q.meta["example_value"].shape[1] // len(sizes),
                                         getattr(ctx, "ulysses_chunks", 1))
         parts = 1
-        if mode == "copy_engine" and _output_has_partner(n):
+        partner = mode == "copy_engine" and _output_has_partner(n)
+        if partner:
             chunks = 1     # its transfers already run beside independent compute: cutting it would only cost
         elif mode == "copy_engine" and chunks == 1:
             parts = _chunks(len(sizes), getattr(ctx, "query_parts", 1))
@@ -145,7 +150,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
-                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts)
+                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts, exposed=not partner)
                 qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
                 if hasattr(ctx, "ce_buffers"):
                     ctx.ce_buffers += ce_a2a.buffer_specs(group, len(sizes), (*qv.shape[:2], sizes[0], qv.shape[3]),
@@ -275,10 +280,12 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     return contiguous(o)
 
 
-def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1) -> fx.Node:
+def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1,
+                      exposed: bool = False) -> fx.Node:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
-    query part of the rotated q instead, each part's output sent back at once."""
+    query part of the rotated q instead, each part's output sent back at once. exposed: no compute runs beside
+    these transfers (one chunk, one part, an output without a partner), so the starts say so (XDIT_CE_SM_PEERS)."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
     if parts > 1:
         qkv = (("v", v), ("k", k), ("qr", q))
@@ -293,14 +300,15 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
             sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))
         return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts))   # (B, H, S, D), a strided view
     qkv = (("v", v), ("k", k), ("q", q))
-    tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks)) for kind, x in qkv
+    kw = {"exposed": True} if exposed and chunks == 1 else {}
+    tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks), kw) for kind, x in qkv
               for c in range(chunks)}
     outs, sent = [], []
     for c in range(chunks):
         got = {kind: g.call_function(wait, ([tokens[kind, c]], [x], group, kind, slot, c, chunks)) for kind, x in qkv}
         o = g.call_function(F.scaled_dot_product_attention, (got["q"], got["k"], got["v"]), {"scale": scale})
         outs.append(o)                                                            # (B, h/C, L, D)
-        sent.append(g.call_function(start, (o, group, "o", slot, c, chunks)))
+        sent.append(g.call_function(start, (o, group, "o", slot, c, chunks), kw))
     return g.call_function(wait, (sent, outs, group, "o", slot, 0, chunks))       # (B, H, S, D), a strided view
 
 

@@ -38,6 +38,12 @@ copies it runs beside (FLUX 2048² ulysses 2: ~32 against ~74 us), so where comp
 the critical path; launched before a GEMM it delays that GEMM by ~5 us at FLUX 2048² ulysses 4, and neither a
 Triton kernel nor a rank-major 1-D layout did better (benchmarks/results/session22/). XDIT_CE_LOCAL=triton copies
 it with runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py checks it on GPUs, not run yet).
+A rank's peer copies do not overlap each other: in recorded ulysses-4 steps the three pieces of a transfer ran one
+after another on the copy engine, ~3.7 us apart, at ~300 GB/s each (H100; benchmarks/trace_gaps.py,
+benchmarks/results/session22/). Where nothing computes beside a transfer (a start with exposed=True: FLUX's
+double blocks), XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k peers with
+runtime/local_copy.py's kernel through the peers' mapped buffers instead, on the SMs, beside the copy engine's;
+completion is the same (the barrier / flags follow the kernel on the piece's stream). Not yet run on GPUs.
 Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
@@ -179,6 +185,19 @@ def _local_mode() -> str:
     return mode
 
 
+def _sm_peers(n: int) -> int:
+    """XDIT_CE_SM_PEERS: how many peers' pieces of an exposed transfer SM kernels store (see the module doc)."""
+    raw = os.environ.get("XDIT_CE_SM_PEERS", "0")
+    try:
+        k = int(raw)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise ValueError(f"XDIT_CE_SM_PEERS={raw!r}: use a count of peers, 0 (the default: every piece on the copy "
+                         "engine) up to the group size - 1")
+    return min(k, n - 1)
+
+
 def _memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
     p = _Memcpy2D()
     p.srcMemoryType = p.dstMemoryType = 2        # CU_MEMORYTYPE_DEVICE
@@ -312,16 +331,19 @@ def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
 
 @torch.library.custom_op("xdit::a2a_start", mutates_args=())
 def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1,
-              after: Tensor | None = None) -> Tensor:
+              after: Tensor | None = None, exposed: bool = False) -> Tensor:
     """Queue the all-to-all of x (q/k/v: the heads of head chunk `chunk` only; o: x is that chunk's attention
     output; qr: q, rotated; op: x is query part `chunk` of `chunks`); returns a token for a2a_wait (an empty
     tensor). `after`: the previous start's token, unused here; it only orders the starts the same on every
-    rank (schedule_transfers chains them), since starts allocate buffers collectively and queue barriers."""
+    rank (schedule_transfers chains them), since starts allocate buffers collectively and queue barriers.
+    `exposed`: no compute runs beside this transfer (decompose_ulysses knows), so XDIT_CE_SM_PEERS may put SM
+    kernels on it."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     _check(x, kind, n, chunk, chunks)
     flag = _signal_mode() in ("flag", "spin")     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
     local = _local_mode()
+    sm = _sm_peers(n) if exposed else min(_sm_peers(n), 0)   # read either way: a bad value fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)
@@ -346,6 +368,8 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     cur = torch.cuda.current_stream(x.device)
     ev_in = cur.record_event()
     events = []
+    peers = [j for j in dests if j != me]
+    by_sm = set(peers[len(peers) - sm:]) if sm else set()     # the copy engine would take these last
     for i, j in enumerate(dests):
         sj = streams[j]
         sj.wait_event(ev_in)
@@ -369,6 +393,11 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
             if j == me and local == "triton":   # the own piece: an SM copy either way (runtime/local_copy.py)
                 with torch.cuda.stream(sj):
                     copy2d(st["buf"], (dst - st["buf"].data_ptr()) // e, dpitch // e, xt, (src - xt.data_ptr()) // e,
+                           spitch // e, width // e, rows)
+            elif j in by_sm:                    # stored over NVLink by SMs, beside the copy engine's pieces
+                peer = _peer_view(st, j, x.dtype)
+                with torch.cuda.stream(sj):
+                    copy2d(peer, (dst - st["hdl"].buffer_ptrs[j]) // e, dpitch // e, xt, (src - xt.data_ptr()) // e,
                            spitch // e, width // e, rows)
             else:
                 _memcpy2d(dst, dpitch, src, spitch, width, rows, sj)
@@ -404,6 +433,15 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
 _PARTS: dict = {}     # (group, slot) -> the op parts started so far (fallback: sent together with the last)
 
 
+def _peer_view(st: dict, j: int, dtype: torch.dtype) -> Tensor:
+    """Rank j's whole symmetric-memory allocation behind this receive buffer, as a flat tensor mapped here."""
+    views = st.setdefault("peer", {})
+    if j not in views:
+        hdl = st["hdl"]
+        views[j] = hdl.get_buffer(j, (hdl.buffer_size // torch.empty(0, dtype=dtype).element_size(),), dtype, 0)
+    return views[j]
+
+
 def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: int, me: int, hc: int, pg, key):
     """The same transfer with dist.all_to_all_single (gloo, or GPUs the copy engines cannot use): fills the same
     receive buffer in the same layout."""
@@ -435,7 +473,7 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
 
 @a2a_start.register_fake
 def _(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1,
-      after: Tensor | None = None) -> Tensor:
+      after: Tensor | None = None, exposed: bool = False) -> Tensor:
     return x.new_empty(0)
 
 
