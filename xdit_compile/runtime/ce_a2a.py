@@ -41,9 +41,10 @@ it with runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py c
 A rank's peer copies do not overlap each other: in recorded ulysses-4 steps the three pieces of a transfer ran one
 after another on the copy engine, ~3.7 us apart, at ~300 GB/s each (H100; benchmarks/trace_gaps.py,
 benchmarks/results/session22/). Where nothing computes beside a transfer (a start with exposed=True: FLUX's
-double blocks), XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k peers with
-runtime/local_copy.py's kernel through the peers' mapped buffers instead, on the SMs, beside the copy engine's;
-completion is the same (the barrier / flags follow the kernel on the piece's stream). Not yet run on GPUs.
+double blocks, Wan's self-attention), XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k
+peers with runtime/local_copy.py's kernel through the peers' mapped buffers instead, on the SMs, beside the copy
+engine's; completion is the same (the barrier / flags follow the kernel on the piece's stream). Its pieces ran on
+one GPU (benchmarks/sm_peer_smoke.py); on several, ce_check.py checks it (not run yet).
 Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
@@ -343,7 +344,7 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     _check(x, kind, n, chunk, chunks)
     flag = _signal_mode() in ("flag", "spin")     # checked on every path, so a bad XDIT_CE_SIGNAL fails on CPU too
     local = _local_mode()
-    sm = _sm_peers(n) if exposed else min(_sm_peers(n), 0)   # read either way: a bad value fails on CPU too
+    sm = _sm_peers(n) * exposed         # read on every path, so a bad XDIT_CE_SM_PEERS fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
     st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)

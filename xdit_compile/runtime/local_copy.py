@@ -1,4 +1,5 @@
-"""copy2d: the copy-engine all-to-all's own piece (ce_a2a.py, XDIT_CE_LOCAL=triton) as one Triton kernel.
+"""copy2d: a 2-D piece of the copy-engine all-to-all (ce_a2a.py) as one Triton kernel: the own piece
+(XDIT_CE_LOCAL=triton), and the pieces SM stores send to peers through their mapped buffers (XDIT_CE_SM_PEERS).
 
 A rank's piece for itself cannot use a copy engine: cuMemcpy2DAsync inside one GPU runs as the driver's
 ``memcpyDtoD2D_aligned_smalldiffpitch`` kernel. In the FLUX 2048² Ulysses-2 step on 2 x H200 those kernels took
