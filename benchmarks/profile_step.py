@@ -3,9 +3,12 @@
     torchrun --nproc_per_node=4 benchmarks/profile_step.py --model flux1024 --ulysses 4 --lowering inductor \
         --out $OUT/profile_flux1024.md
     torchrun --nproc_per_node=2 benchmarks/profile_step.py --tiny --model flux1024 --ulysses 2 --out /tmp/p.md
+    python benchmarks/profile_step.py --model flux2048 --fake-world 4 --cudagraphs --out $OUT/rank.md   # one GPU:
+        # a ulysses-4 rank's kernels alone (benchmarks/gpu_rank_kernels.sh)
 
 Kinds (by kernel name): communication (nccl), attention (flash / cudnn / fmha kernels), matmul (gemm, cutlass,
-nvjet, sm90 kernels), fused elementwise (Inductor's triton kernels), other. "idle" = wall time per step minus
+nvjet, sm90 kernels, Inductor's triton_tem GEMM templates), fused elementwise (Inductor's other triton kernels),
+other. "idle" = wall time per step minus
 the GPU kernel time of rank 0's stream work: time the GPU waited on the CPU (launches) or on nothing. "no compute
 running" = wall time per step minus the union of compute kernels over all streams (CUDA graphs spread one stream's
 kernels over several, so the plain sum can exceed the wall time).
@@ -34,6 +37,8 @@ KINDS = [("communication (NCCL)", ("nccl",)),
 
 def kind(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_tem"):   # Inductor's Triton GEMM templates (compile.max_autotune), epilogue fused in
+        return "matmul"
     if low.startswith("triton_"):   # Inductor names kernels after the ops it fused (e.g. "..._ulysses_attention_...")
         return "fused elementwise (triton)"
     if low.startswith("memcpydtod"):  # the driver's 2-D copy inside one GPU is a kernel on the SMs, not a copy engine
@@ -64,6 +69,11 @@ def main():
     ap.add_argument("--skew", action="store_true", help="every rank's compute kernels, matched by position, and "
                     "each GPU's SM clock and power (nvidia-smi) while profiling: how much of a step is one rank "
                     "waiting for a slower one")
+    ap.add_argument("--fake-world", type=int, default=0, help="one process on one device standing for rank 0 of a "
+                    "world of this size: torch's fake process group makes every collective a no-op, so the profile is "
+                    "a rank's compute kernels at that degree's shapes with zero-cost communication (outputs are "
+                    "meaningless; needs --all-to-all nccl)")
+    ap.add_argument("--top", type=int, default=15, help="how many kernels the top-kernel table lists")
     ap.add_argument("--dump-after", type=float, default=0, help="print every thread's Python stack after this many "
                     "seconds (where a stuck run waits)")
     args = ap.parse_args()
@@ -84,7 +94,15 @@ def main():
     else:
         torch.cuda.set_device(lr)
         device, dtype, backend = torch.device("cuda", lr), torch.bfloat16, "nccl"
-    dist.init_process_group(backend)
+    if args.fake_world:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        if args.all_to_all not in ("", "nccl"):
+            sys.exit(f"--fake-world runs the collectives as no-ops; --all-to-all {args.all_to_all} needs real peers "
+                     "(use nccl)")
+        dist.init_process_group("fake", rank=0, world_size=args.fake_world, store=FakeStore())
+        args.all_to_all = "nccl"
+    else:
+        dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     m = bench.build_model(args.model, args.tiny, device, dtype, layers=args.layers)
     inputs = bench.make_inputs(args.model, args.tiny, device, dtype)
@@ -150,6 +168,8 @@ def main():
             top[e.name] = top.get(e.name, 0.0) + us
         busy = sum(us for k, us in per.items() if k != CE) / 1e3
         layers = f" ({args.layers} layers)" if args.layers else ""
+        if args.fake_world:
+            layers += " (fake process group: rank 0's kernels, every collective a no-op)"
         lines = [f"# Profile: {args.model}{layers}, plan {plan}, {world} ranks, {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
                  "", f"first call (compile, CUDA-graph capture): {first_s:.1f} s", "", f"wall per step (profiled, rank 0): {wall:.1f} ms; GPU kernel time {busy:.1f} ms; "
                  f"idle {max(wall - busy, 0):.1f} ms", "", "| kind | ms/step | share of wall |", "|---|---|---|"]
@@ -173,7 +193,7 @@ def main():
                 lines.append(f"| `{e.key[:60]}` | `{str(e.input_shapes)[:100]}` | {e.count / args.steps:.0f} | "
                              f"{e.self_device_time_total / 1e3 / args.steps:.2f} |")
         lines += ["", "Top kernels:", "", "| kernel | kind | ms/step |", "|---|---|---|"]
-        for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:15]:
+        for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:args.top]:
             lines.append(f"| `{name[:90]}` | {kind(name)} | {us / 1e3:.2f} |")
         text = "\n".join(lines) + "\n"
         if args.trace and "{rank}" not in args.trace:
@@ -284,14 +304,18 @@ def gaps(prof, device, steps):
         return []
     ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()   # kernels, not memcpys
                 if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start and kind(e.name) != CE)
-    out, end, prev = [], None, None
+    out, end, prev, small = [], None, None, 0.0
     for start, stop, name in ks:
         if end is not None and start - end > 5:   # us
             out.append((start - end, prev, name))
+        elif end is not None and start > end:
+            small += start - end
         if end is None or stop > end:
             end, prev = stop, name
     total = sum(g for g, _, _ in out) / 1e3 / steps
-    lines = ["", f"GPU gaps > 5 us between kernels: {len(out) / steps:.0f} per step, {total:.2f} ms/step; "
+    lines = ["", f"kernels per step: {len(ks) / steps:.0f}; gaps of <= 5 us between them (a CUDA graph's kernel to "
+             f"kernel latency): {small / 1e3 / steps:.2f} ms/step", "",
+             f"GPU gaps > 5 us between kernels: {len(out) / steps:.0f} per step, {total:.2f} ms/step; "
              "the largest (us, kernel before -> kernel after):", ""]
     for g, a, b in sorted(out, reverse=True)[:12]:
         lines.append(f"- {g:.0f} us: `{a[:60]}` -> `{b[:60]}`")

@@ -116,3 +116,30 @@ def test_trace_gaps(tmp_path):
     line = trace_gaps.analyse(str(path), steps=1, min_us=5)[-2]
     assert line.startswith("Peer copies (copy engine): 6; 1 of 5 consecutive pairs overlapped"), line
     assert "median 20.0 us each (300 GB/s)" in line and "back-to-back copies 4.0 us" in line, line
+
+
+def test_profile_kinds():
+    """profile_step's kernel kinds: Inductor's GEMM templates are matmuls, its other Triton kernels elementwise."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step as ps
+
+    assert ps.kind("triton_tem_fused_addmm_t_24") == "matmul"
+    assert ps.kind("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNT") == "matmul"
+    assert ps.kind("triton_poi_fused_all_to_all_single_clone_permute_view_12") == "fused elementwise (triton)"
+    assert ps.kind("memcpyDtoD2D_kernel") == "layout copies (aten copy / cat)"
+
+
+def test_profile_fake_world(tmp_path):
+    """profile_step --fake-world 2: one process stands for rank 0 of two (torch's fake process group), so the plan
+    is ulysses 2 and the step runs at a rank's shapes; a copy-engine plan is refused (it needs real peers)."""
+    out = tmp_path / "rank.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--tiny", "--model", "flux1024",
+           "--fake-world", "2", "--steps", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "fake process group" in text and "'ulysses': 2" in text and "'all_to_all': 'nccl'" in text, text
+    assert "2 ranks" in text, text
+    r = subprocess.run(cmd[:-2] + ["--all-to-all", "copy_engine", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode != 0 and "needs real peers" in r.stderr, r.stderr[-2000:]
