@@ -52,9 +52,10 @@ independent after its attention, can hide of the output's return trip.
     o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
     o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
 
-Attention without such a partner, in one chunk and one part, has nothing computing beside its transfers: its
-starts carry exposed=True, and with XDIT_CE_SM_PEERS=k SM kernels store k peers' pieces of them over NVLink
-beside the copy engine, which runs a rank's peer copies one at a time (runtime/ce_a2a.py).
+Attention without such a partner (not in query parts) has nothing computing beside two of its transfers: q's
+(v and k move while k and q are computed; with head chunks, q's first chunk) and the output's (with head chunks,
+the last chunk's). Those starts carry exposed=True, and with XDIT_CE_SM_PEERS=k SM kernels store k peers' pieces
+of them over NVLink beside the copy engine, which runs a rank's peer copies one at a time (runtime/ce_a2a.py).
 
 With compile.ulysses_chunks = C (again only for attention without such a partner) each q/k/v start sends one
 head chunk (a2a_start(q, "g", "q", slot, c, C)), SDPA runs per chunk on its wait's view and each chunk's output
@@ -284,8 +285,9 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
                       exposed: bool = False) -> fx.Node:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
-    query part of the rotated q instead, each part's output sent back at once. exposed: no compute runs beside
-    these transfers (one chunk, one part, an output without a partner), so the starts say so (XDIT_CE_SM_PEERS)."""
+    query part of the rotated q instead, each part's output sent back at once. exposed: an output without a
+    partner, so q's transfer (of the first chunk) and the output's (of the last) have no compute beside them: those
+    starts say so (XDIT_CE_SM_PEERS)."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
     if parts > 1:
         qkv = (("v", v), ("k", k), ("qr", q))
@@ -300,15 +302,20 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
             sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))
         return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts))   # (B, H, S, D), a strided view
     qkv = (("v", v), ("k", k), ("q", q))
-    kw = {"exposed": True} if exposed and chunks == 1 else {}
-    tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks), kw) for kind, x in qkv
+
+    def kw(kind: str, c: int) -> dict:
+        # what waits with nothing beside it: q's first chunk (v and k move while k and q are computed, later
+        # chunks beside the attention of earlier ones) and the last chunk's output
+        first_or_last = (kind == "q" and c == 0) or (kind == "o" and c == chunks - 1)
+        return {"exposed": True} if exposed and first_or_last else {}
+    tokens = {(kind, c): g.call_function(start, (x, group, kind, slot, c, chunks), kw(kind, c)) for kind, x in qkv
               for c in range(chunks)}
     outs, sent = [], []
     for c in range(chunks):
         got = {kind: g.call_function(wait, ([tokens[kind, c]], [x], group, kind, slot, c, chunks)) for kind, x in qkv}
         o = g.call_function(F.scaled_dot_product_attention, (got["q"], got["k"], got["v"]), {"scale": scale})
         outs.append(o)                                                            # (B, h/C, L, D)
-        sent.append(g.call_function(start, (o, group, "o", slot, c, chunks), kw))
+        sent.append(g.call_function(start, (o, group, "o", slot, c, chunks), kw("o", c)))
     return g.call_function(wait, (sent, outs, group, "o", slot, 0, chunks))       # (B, H, S, D), a strided view
 
 
