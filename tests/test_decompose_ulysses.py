@@ -77,6 +77,36 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
+def test_decomposed_layout_copies():
+    """The nccl path's layouts (batch 1): q/k/v reach SDPA as views of what the all-to-all delivered (no copy on
+    arrival), and the result is a (B, H, S, D) view of (B, S, H, D) memory, what the out projection reads. Each
+    all-to-all is an identity here (one process): the layouts, not the exchange, are under test."""
+    gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    assert decompose_ulysses_pass(gm, ctx)
+    for n in list(gm.graph.nodes):
+        if str(n.target) == "_c10d_functional.wait_tensor.default":
+            n.replace_all_uses_with(n.args[0].args[0])      # wait(all_to_all(x)) -> x
+            gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    seen = {}
+
+    class Watch(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            out = super().call_function(target, args, kwargs)
+            if target is torch.ops.aten.clone.default and "packed" not in seen:
+                seen["packed"] = out
+            if target is torch.nn.functional.scaled_dot_product_attention:
+                seen["sdpa"] = args[:3]
+            return out
+
+    q, k, v = (torch.randn(1, 4, 4, 16).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
+    out = Watch(gm).run(q, k, v)
+    packed = seen["packed"].untyped_storage().data_ptr()
+    assert all(x.untyped_storage().data_ptr() == packed for x in seen["sdpa"]), "q/k/v copied on arrival"
+    assert out.shape == (1, 4, 4, 16) and out.transpose(1, 2).is_contiguous(), out.stride()
+
+
 @pytest.mark.parametrize("mode,dtype,swapped", [("nccl", torch.bfloat16, 1), ("copy_engine", torch.bfloat16, 1),
                                                 ("nccl", torch.float32, 0)])
 def test_fa3_cute_backend_decomposed_then_kernel(mode, dtype, swapped):

@@ -249,17 +249,23 @@ def _fa3_runs():
 
 
 @pytest.mark.skipif(not _fa3_runs(), reason="flash_attn.cute's kernel needs a Hopper GPU and its packages")
-@pytest.mark.parametrize("bshd,config", [(True, None), (False, None), (False, (128, 128, 3, 384, False))])
-def test_fa3_cute_kernel_on_hopper(bshd, config):
+@pytest.mark.parametrize("layout,config", [("bshd", None), ("bhsd", None), ("packed", None),
+                                           ("bhsd", (128, 128, 3, 384, False))])
+def test_fa3_cute_kernel_on_hopper(layout, config):
     """The kernel against float32 math: out within bf16 rounding (as close as cuDNN), LSE to float32 precision,
-    for both layouts q arrives in and another tiling than CONFIG (benchmarks/attn_kernels.py and fa_cute_tiles.py
-    time them)."""
+    for the layouts q arrives in (diffusers' (B, S, H, D) views, contiguous (B, H, S, D), and views of one
+    (B, S, 3, H, D) buffer, what decompose_ulysses' all-to-all delivers) and another tiling than CONFIG
+    (benchmarks/attn_kernels.py and fa_cute_tiles.py time them)."""
     from xdit_compile.runtime import flash_cute
 
     torch.manual_seed(0)
-    shape = (1, 300, 4, 128) if bshd else (1, 4, 300, 128)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    if bshd:
+    if layout == "packed":
+        qkv = torch.randn(1, 300, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    else:
+        shape = (1, 300, 4, 128) if layout == "bshd" else (1, 4, 300, 128)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = flash_cute.attention(q, k, v, None, with_lse=True, config=config)
     ref, ref_lse = _lse._math(q.float(), k.float(), v.float(), None, None)

@@ -15,15 +15,21 @@ Legend: B batch, H heads, N ranks of the Ulysses group, h = H / N, S this rank's
 dim; the leading dim of what goes into an all-to-all is the destination rank, of what comes out the source.
 
     before:  o_BHSD = xdit.ulysses_attention(q, k, v, None, scale, False, "g", [S, S], "auto")
-    after:   x = stack([q, k, v])                       # (3, B, H, S, D)
-             x = unflatten(x, 2, [N, -1])               # (3, B, N, h, S, D)
-             x = permute(x, [2, 0, 1, 3, 4, 5]).clone(contiguous)   # (N, 3, B, h, S, D)
-             y = wait_tensor(all_to_all_single(x, [1]*N, [1]*N, "g"))  # (N, 3, B, h, S, D), N = source
-             y = flatten(permute(y, [1, 2, 3, 0, 4, 5]), 3, 4)   # (3, B, h, L, D)
-             o = scaled_dot_product_attention(y[0], y[1], y[2], scale=scale)   # (B, h, L, D)
-             o = unflatten(o, 2, [N, -1]).permute(2, 0, 1, 3, 4).clone(contiguous)  # (N, B, h, S, D)
-             o = wait_tensor(all_to_all_single(o, [1]*N, [1]*N, "g"))     # (N, B, h, S, D), N = source
-             o_BHSD = flatten(permute(o, [1, 0, 2, 3, 4]), 1, 2).clone(contiguous)   # (B, H, S, D)
+    after:   x = stack([q.transpose(1, 2), k..., v...], 2)          # (B, S, 3, H, D), token-major
+             x = unflatten(x, 3, [N, -1]).permute(3, 0, 1, 2, 4, 5).clone(contiguous)   # (N, B, S, 3, h, D)
+             y = wait_tensor(all_to_all_single(x, [1]*N, [1]*N, "g"))  # (N, B, S, 3, h, D), N = source
+             q_l = y.select(3, 0).permute(1, 0, 2, 3, 4).flatten(1, 2).transpose(1, 2)   # (B, h, L, D); k_l, v_l
+             o = scaled_dot_product_attention(q_l, k_l, v_l, scale=scale)   # (B, h, L, D)
+             o = o.transpose(1, 2).unflatten(1, [N, -1]).permute(1, 0, 2, 3, 4).contiguous()  # (N, B, S, h, D)
+             o = wait_tensor(all_to_all_single(o, [1]*N, [1]*N, "g"))     # (N, B, S, h, D), N = heads' rank
+             o_BHSD = o.permute(1, 2, 0, 3, 4).flatten(2, 3).transpose(1, 2)   # (B, H, S, D) view of (B, S, H, D)
+
+For B = 1 the received q/k/v are views (the token blocks of the N sources are consecutive), which attention
+kernels read through their strides (flash_cute, SDPA), and attention kernels that return their output in q's
+token-major layout (flash_cute, SDPA's CUDA kernels) make the output's .contiguous() free. So one copy packs
+q/k/v (it fuses with their producers' last op) and one unpacks the output (the out projection's input layout);
+the head-major layout before session 23 copied q/k/v on arrival too, and the output twice more (measured on
+one GPU standing for a ulysses-4 rank, benchmarks/results/session23/).
 
 No shape argument holds a size other than N, so the nodes are right for the LOCAL shapes the graph runs on
 (node meta keeps the full-size fake values, see README.md) and under dynamic shapes.
@@ -264,21 +270,23 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
             raise ValueError("compile.all_to_all = \"symm_mem\" with compile.ulysses_chunks > 1 is not supported "
                              "(the chunked pipeline starts NCCL all-to-alls without waiting); use one of them")
         return _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num, chunks)
-    x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
-    x = call(aten.unflatten.int, x, 2, [num, -1])                                 # (3, B, N, h, S, D)
-    x = contiguous(call(aten.permute.default, x, [2, 0, 1, 3, 4, 5]))             # (N, 3, B, h, S, D)
-    y = all_to_all(x)
-    y = call(aten.flatten.using_ints, call(aten.permute.default, y, [1, 2, 3, 0, 4, 5]), 3, 4)  # (3, B, h, L, D)
-    ql, kl, vl = (call(aten.select.int, y, 0, i) for i in range(3))
+    # token-major: for B = 1 what arrives is q / k / v in the (B, L, h, D) memory attention kernels read, and the
+    # output (B, L, h, D) leaves as it is, so only the send of q/k/v and the output's arrival are copies
+    qkv = [call(aten.transpose.int, x, 1, 2) for x in (q, k, v)]                  # (B, S, H, D) views
+    x = call(aten.unflatten.int, call(aten.stack.default, qkv, 2), 3, [num, -1])  # (B, S, 3, N, h, D)
+    x = contiguous(call(aten.permute.default, x, [3, 0, 1, 2, 4, 5]))             # (N, B, S, 3, h, D)
+    y = all_to_all(x)                                                             # (N, B, S, 3, h, D), N = source
+    ql, kl, vl = (call(aten.transpose.int, call(aten.flatten.using_ints, call(aten.permute.default, call(
+        aten.select.int, y, 3, i), [1, 0, 2, 3, 4]), 1, 2), 1, 2) for i in range(3))   # (B, h, L, D) views (B = 1)
     if ring:
         o = call(RING_OP, ql, kl, vl, None, scale, False, *ring)                  # (B, h, L, D)
     else:
         o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)          # (B, h, L, D)
-    o = call(aten.unflatten.int, o, 2, [num, -1])                                 # (B, h, N, S, D)
-    o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))                # (N, B, h, S, D)
-    o = all_to_all(o)
-    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 0, 2, 3, 4]), 1, 2)    # (B, H, S, D)
-    return contiguous(o)
+    o = call(aten.unflatten.int, call(aten.transpose.int, o, 1, 2), 1, [num, -1])  # (B, N, S, h, D)
+    o = g.call_method("contiguous", (call(aten.permute.default, o, [1, 0, 2, 3, 4]),))  # (N, B, S, h, D): no copy
+    o = all_to_all(o)                                                             # (N, B, S, h, D), N = heads' rank
+    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 2, 0, 3, 4]), 2, 3)   # (B, S, H, D)
+    return call(aten.transpose.int, o, 1, 2)                                      # (B, H, S, D) view
 
 
 def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1,
