@@ -77,12 +77,16 @@ def test_simple_decomposed():
     assert ctx.attention_report[0]["decomposed"]
 
 
-def test_decomposed_layout_copies():
-    """The nccl path's layouts (batch 1): q/k/v reach SDPA as views of what the all-to-all delivered (no copy on
-    arrival), and the result is a (B, H, S, D) view of (B, S, H, D) memory, what the out projection reads. Each
-    all-to-all is an identity here (one process): the layouts, not the exchange, are under test."""
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_decomposed_layout_copies(chunks):
+    """The nccl path's layouts (batch 1, with and without head chunks): q/k/v reach SDPA as views of what the
+    all-to-all delivered (no copy on arrival), and the result is a (B, H, S, D) view of (B, S, H, D) memory, what
+    the out projection reads. Each all-to-all is an identity here (one process): the layouts, not the exchange,
+    are under test."""
     gm, ctx = _graph((1, 4, 8, 16), (1, 4, 8, 16), [4, 4])
+    ctx.ulysses_chunks = chunks
     assert decompose_ulysses_pass(gm, ctx)
+    assert _targets(gm).count("_c10d_functional.all_to_all_single.default") == 2 * chunks
     for n in list(gm.graph.nodes):
         if str(n.target) == "_c10d_functional.wait_tensor.default":
             n.replace_all_uses_with(n.args[0].args[0])      # wait(all_to_all(x)) -> x
@@ -97,12 +101,13 @@ def test_decomposed_layout_copies():
             if target is torch.ops.aten.clone.default and "packed" not in seen:
                 seen["packed"] = out
             if target is torch.nn.functional.scaled_dot_product_attention:
-                seen["sdpa"] = args[:3]
+                seen["sdpa"] = seen.get("sdpa", ()) + tuple(args[:3])
             return out
 
     q, k, v = (torch.randn(1, 4, 4, 16).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
     out = Watch(gm).run(q, k, v)
     packed = seen["packed"].untyped_storage().data_ptr()
+    assert len(seen["sdpa"]) == 3 * chunks
     assert all(x.untyped_storage().data_ptr() == packed for x in seen["sdpa"]), "q/k/v copied on arrival"
     assert out.shape == (1, 4, 4, 16) and out.transpose(1, 2).is_contiguous(), out.stride()
 

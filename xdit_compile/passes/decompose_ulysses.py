@@ -88,10 +88,10 @@ started first (NCCL runs them one after another on its own stream), then per chu
 output all-to-all; the output waits come last. Chunk c + 1's q/k/v transfer overlaps chunk c's attention and
 chunk c's output transfer overlaps chunk c + 1's attention; only the first and the last transfer are exposed.
 
-    x = stack([q, k, v]) -> unflatten(2, [N, C, -1]) -> permute to (C, N, 3, B, hc, S, D), contiguous
+    x = stack([q, k, v] as (B, S, H, D), 2) -> unflatten(3, [N, C, -1]) -> permute to (C, N, B, S, 3, hc, D)
     a_c = all_to_all_single(x[c])                            for c < C    (no wait yet)
-    o_c = sdpa(wait(a_c) as (3, B, hc, L, D)) -> (N, B, hc, S, D) -> all_to_all_single   for c < C
-    o   = stack([wait(o_c)], 1)                 # (N, C, B, hc, S, D) -> (B, N, C, hc, S, D) -> (B, H, S, D)
+    o_c = sdpa(views of wait(a_c), as above) -> (N, B, S, hc, D) -> all_to_all_single   for c < C
+    o   = stack([wait(o_c)], 3)                 # (N, B, S, C, hc, D) -> (B, S, N, C, hc, D) -> (B, S, H, D)
 
 Head n * h + c * hc + j of the input is head c * hc + j of rank n's local heads, so chunk c of every rank
 holds the same heads of the full attention. When C does not divide h, the largest divisor of h below C is
@@ -283,7 +283,7 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     else:
         o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)          # (B, h, L, D)
     o = call(aten.unflatten.int, call(aten.transpose.int, o, 1, 2), 1, [num, -1])  # (B, N, S, h, D)
-    o = g.call_method("contiguous", (call(aten.permute.default, o, [1, 0, 2, 3, 4]),))  # (N, B, S, h, D): no copy
+    o = call(torch.Tensor.contiguous, call(aten.permute.default, o, [1, 0, 2, 3, 4]))   # (N, B, S, h, D): no copy
     o = all_to_all(o)                                                             # (N, B, S, h, D), N = heads' rank
     o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 2, 0, 3, 4]), 2, 3)   # (B, S, H, D)
     return call(aten.transpose.int, o, 1, 2)                                      # (B, H, S, D) view
@@ -347,21 +347,23 @@ def _emit_allgather_kv(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:
 
 
 def _emit_chunked(call, all_to_all, contiguous, q, k, v, scale, group, num: int, chunks: int) -> fx.Node:
+    """Head chunks on the nccl path, in _emit's token-major layout: every chunk's q/k/v all-to-all started first,
+    then per chunk its wait, SDPA and output all-to-all; the output waits last (see the module doc)."""
     splits = [1] * num
-    x = call(aten.stack.default, [q, k, v])                                       # (3, B, H, S, D)
-    x = call(aten.unflatten.int, x, 2, [num, chunks, -1])                         # (3, B, N, C, hc, S, D)
-    x = contiguous(call(aten.permute.default, x, [3, 2, 0, 1, 4, 5, 6]))          # (C, N, 3, B, hc, S, D)
+    qkv = [call(aten.transpose.int, x, 1, 2) for x in (q, k, v)]                   # (B, S, H, D) views
+    x = call(aten.unflatten.int, call(aten.stack.default, qkv, 2), 3, [num, chunks, -1])   # (B, S, 3, N, C, hc, D)
+    x = contiguous(call(aten.permute.default, x, [4, 3, 0, 1, 2, 5, 6]))          # (C, N, B, S, 3, hc, D)
     started = [call(c10d.all_to_all_single.default, call(aten.select.int, x, 0, c), splits, splits, group)
                for c in range(chunks)]                                            # all q/k/v transfers queued
     outs = []
     for a in started:
-        y = call(c10d.wait_tensor.default, a)                                     # (N, 3, B, hc, S, D), N = source
-        y = call(aten.flatten.using_ints, call(aten.permute.default, y, [1, 2, 3, 0, 4, 5]), 3, 4)  # (3, B, hc, L, D)
-        ql, kl, vl = (call(aten.select.int, y, 0, i) for i in range(3))
+        y = call(c10d.wait_tensor.default, a)                                     # (N, B, S, 3, hc, D), N = source
+        ql, kl, vl = (call(aten.transpose.int, call(aten.flatten.using_ints, call(aten.permute.default, call(
+            aten.select.int, y, 3, i), [1, 0, 2, 3, 4]), 1, 2), 1, 2) for i in range(3))   # (B, hc, L, D) views
         o = call(F.scaled_dot_product_attention, ql, kl, vl, scale=scale)          # (B, hc, L, D)
-        o = call(aten.unflatten.int, o, 2, [num, -1])                             # (B, hc, N, S, D)
-        o = contiguous(call(aten.permute.default, o, [2, 0, 1, 3, 4]))            # (N, B, hc, S, D)
+        o = call(aten.unflatten.int, call(aten.transpose.int, o, 1, 2), 1, [num, -1])   # (B, N, S, hc, D)
+        o = call(torch.Tensor.contiguous, call(aten.permute.default, o, [1, 0, 2, 3, 4]))   # (N, B, S, hc, D)
         outs.append(call(c10d.all_to_all_single.default, o, splits, splits, group))
-    o = call(aten.stack.default, [call(c10d.wait_tensor.default, a) for a in outs], 1)   # (N, C, B, hc, S, D)
-    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [2, 0, 1, 3, 4, 5]), 1, 3)  # (B, H, S, D)
-    return contiguous(o)
+    o = call(aten.stack.default, [call(c10d.wait_tensor.default, a) for a in outs], 3)   # (N, B, S, C, hc, D)
+    o = call(aten.flatten.using_ints, call(aten.permute.default, o, [1, 2, 0, 3, 4, 5]), 2, 4)   # (B, S, H, D)
+    return call(aten.transpose.int, o, 1, 2)                                      # (B, H, S, D) view
