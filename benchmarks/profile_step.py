@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--fake-world", type=int, default=0, help="one process on one device standing for rank 0 of a "
                     "world of this size: torch's fake process group makes every collective a no-op, so the profile is "
                     "a rank's compute kernels at that degree's shapes with zero-cost communication (outputs are "
-                    "meaningless; needs --all-to-all nccl)")
+                    "meaningless). --all-to-all nccl (default) or copy_engine (then only the own piece of each "
+                    "transfer is copied, by the SMs as on GPUs; the peers' pieces are the copy engines' work)")
     ap.add_argument("--top", type=int, default=15, help="how many kernels the top-kernel table lists")
     ap.add_argument("--dump-after", type=float, default=0, help="print every thread's Python stack after this many "
                     "seconds (where a stuck run waits)")
@@ -96,11 +97,11 @@ def main():
         device, dtype, backend = torch.device("cuda", lr), torch.bfloat16, "nccl"
     if args.fake_world:
         from torch.testing._internal.distributed.fake_pg import FakeStore
-        if args.all_to_all not in ("", "nccl"):
+        if args.all_to_all not in ("", "nccl", "copy_engine"):
             sys.exit(f"--fake-world runs the collectives as no-ops; --all-to-all {args.all_to_all} needs real peers "
-                     "(use nccl)")
+                     "(use nccl or copy_engine)")
         dist.init_process_group("fake", rank=0, world_size=args.fake_world, store=FakeStore())
-        args.all_to_all = "nccl"
+        args.all_to_all = args.all_to_all or "nccl"
     else:
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()

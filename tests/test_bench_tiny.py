@@ -131,7 +131,8 @@ def test_profile_kinds():
 
 def test_profile_fake_world(tmp_path):
     """profile_step --fake-world 2: one process stands for rank 0 of two (torch's fake process group), so the plan
-    is ulysses 2 and the step runs at a rank's shapes; a copy-engine plan is refused (it needs real peers)."""
+    is ulysses 2 and the step runs at a rank's shapes, with the nccl and the copy-engine transfers (own pieces
+    only); a mode that needs real peers is refused."""
     out = tmp_path / "rank.md"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--tiny", "--model", "flux1024",
            "--fake-world", "2", "--steps", "1", "--out", str(out)]
@@ -140,6 +141,8 @@ def test_profile_fake_world(tmp_path):
     text = out.read_text()
     assert "fake process group" in text and "'ulysses': 2" in text and "'all_to_all': 'nccl'" in text, text
     assert "2 ranks" in text, text
-    r = subprocess.run(cmd[:-2] + ["--all-to-all", "copy_engine", "--out", str(out)], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(cmd + ["--all-to-all", "copy_engine"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "'all_to_all': 'copy_engine'" in out.read_text(), out.read_text()
+    r = subprocess.run(cmd + ["--all-to-all", "symm_mem"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode != 0 and "needs real peers" in r.stderr, r.stderr[-2000:]

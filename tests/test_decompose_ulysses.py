@@ -290,6 +290,26 @@ def _ce_op(rank: int, world_size: int) -> dict:
         outs = [o.contiguous() for o in (y * 2).unflatten(2, (parts, -1)).unbind(2)]
         z = wait([start(o, g, "op", 0, p, parts) for p, o in enumerate(outs)], outs, g, "op", 0, 0, parts)
         out[f"parts{parts}"] = ok and torch.equal(z, x * 2) and z.shape == x.shape
+    # a fake group (profile_step.py --fake-world): only the own piece, where the real transfer puts it
+    from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the "fake" backend)
+    f = dist.new_group(backend="fake").group_name
+    mine, heads_mine = slice(rank * s, (rank + 1) * s), slice(rank * h, (rank + 1) * h)
+    yk = wait([start(x, g, "k", 1)], [x], g, "k", 1).clone()
+    yf = wait([start(x, f, "k", 1)], [x], f, "k", 1)
+    own = torch.equal(yf[:, :, mine], yk[:, :, mine])
+    zf = wait([start(yk, f, "o", 1)], [yk], f, "o", 1)
+    own = own and torch.equal(zf[:, heads_mine], x[:, heads_mine])
+    for c in range(2):
+        yc = wait([start(x, f, "q", 0, c, 2)], [x], f, "q", 0, c, 2)
+        own = own and torch.equal(yc[:, :, mine], full[:, rank * h + c:rank * h + c + 1, mine])
+    ts = [start(yc.contiguous(), f, "o", 0, c, 2) for c, yc in enumerate(ys)]
+    own = own and torch.equal(wait(ts, ys, f, "o", 0, 0, 2)[:, heads_mine], x[:, heads_mine])
+    yr = wait([start(x, f, "qr", 0)], [x], f, "qr", 0)      # the own block comes last
+    own = own and torch.equal(yr[:, :, -s:], x[:, heads_mine])
+    outs = [o.contiguous() for o in (yr * 2).unflatten(2, (2, -1)).unbind(2)]   # 2 query parts
+    z = wait([start(o, f, "op", 0, p, 2) for p, o in enumerate(outs)], outs, f, "op", 0, 0, 2)
+    own = own and torch.equal(z[:, heads_mine], x[:, heads_mine] * 2)
+    out["own_piece"] = own
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
                        "signal": (x, g, "q", 0), "local": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3),
                        "sm": (x, g, "q", 0)}.items():
@@ -310,9 +330,11 @@ def _ce_op(rank: int, world_size: int) -> dict:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_copy_engine_op_on_cpu(world_size):
     """On CPU the start / wait pair is the all_to_all_single fallback, in the same layouts (query parts: 2 of 2
-    ranks, 2 and 4 of 4); bad input is named."""
+    ranks, 2 and 4 of 4); under a fake group (profile_step.py --fake-world) only the own piece moves, to the same
+    place; bad input is named."""
     for rank, r in enumerate(run_distributed(_ce_op, world_size, timeout=120)):
         assert r["qkv"] and r["o"] and r["chunks"] and r["chunks_o"] and not r["path"], f"rank {rank}: {r}"
+        assert r["own_piece"], f"rank {rank}: under a fake group the own piece is not where the transfer puts it"
         assert r["parts2"] and r.get("parts4", world_size == 2), f"rank {rank}: {r}"
         assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r

@@ -359,7 +359,10 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
         rows, h = x.shape[2], mem_shape[2]
         hc = h // chunks
     if not ce:
-        _fallback(st["buf"], xt, kind, chunk, chunks, n, me, hc, pg, (group_name, slot))
+        if dist.get_backend(pg) == "fake":   # one process standing for a rank (profile_step.py --fake-world)
+            _own_piece(st["buf"], xt, kind, chunk, chunks, n, me, hc)
+        else:
+            _fallback(st["buf"], xt, kind, chunk, chunks, n, me, hc, pg, (group_name, slot))
         return x.new_empty(0)
     e = x.element_size()
     width = hc * d * e                                  # one token's piece, bytes
@@ -470,6 +473,25 @@ def _fallback(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: in
         if kind == "qr":
             recv = recv[[(me + 1 + b) % n for b in range(n)]]
         buf.unflatten(2, (chunks, hc))[:, :, chunk].copy_(recv.transpose(0, 1).flatten(1, 2))
+
+
+def _own_piece(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: int, me: int, hc: int):
+    """Under torch's fake process group (no peers, profile_step.py --fake-world): only the rank's own piece, put
+    where _fallback and the copy engines put it, so the step's SM work is a real rank's (the peers' pieces are the
+    copy engines' work, free here)."""
+    if kind in ("o", "op"):  # my tokens' block (op: the last block of the last part), at my head group's heads
+        if kind == "op":
+            if chunk < chunks - 1:
+                return
+            own = xt.unflatten(1, (n // chunks, -1))[:, -1]
+            chunks, chunk = 1, 0
+        else:
+            own = xt.unflatten(1, (n, -1))[:, me]
+        buf.unflatten(2, (n, chunks, hc))[:, :, me, chunk].copy_(own)
+    else:                    # my head group's chunk of my tokens, at my token block (qr: the last block)
+        blk = n - 1 if kind == "qr" else me
+        buf.unflatten(2, (chunks, hc))[:, :, chunk].unflatten(1, (n, -1))[:, blk].copy_(
+            xt.unflatten(2, (n, chunks, -1))[:, :, me, chunk])
 
 
 @a2a_start.register_fake
