@@ -41,9 +41,9 @@ it with runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py c
 A rank's peer copies do not overlap each other: in recorded ulysses-4 steps the three pieces of a transfer ran one
 after another on the copy engine, ~3.7 us apart, at ~300 GB/s each (H100; benchmarks/trace_gaps.py,
 benchmarks/results/session22/). Where nothing computes beside a transfer (a start with exposed=True: q's and the
-output's transfers of FLUX's double blocks and Wan's self-attention, of the first / last head chunk), XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k
-peers with runtime/local_copy.py's kernel through the peers' mapped buffers instead, on the SMs, beside the copy
-engine's; completion is the same (the barrier / flags follow the kernel on the piece's stream). Its pieces ran on
+output's transfers of FLUX's double blocks and Wan's self-attention, of the first / last head chunk),
+XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k peers with runtime/local_copy.py's kernel
+through the peers' mapped buffers instead, on the SMs, beside the copy engine's; completion is the same (the barrier / flags follow the kernel on the piece's stream). Its pieces ran on
 one GPU (benchmarks/sm_peer_smoke.py); on several, ce_check.py checks it (not run yet).
 Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
