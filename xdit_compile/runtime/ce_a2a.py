@@ -43,8 +43,9 @@ after another on the copy engine, ~3.7 us apart, at ~300 GB/s each (H100; benchm
 benchmarks/results/session22/). Where nothing computes beside a transfer (a start with exposed=True: q's and the
 output's transfers of FLUX's double blocks and Wan's self-attention, of the first / last head chunk),
 XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k peers with runtime/local_copy.py's kernel
-through the peers' mapped buffers instead, on the SMs, beside the copy engine's; completion is the same (the barrier / flags follow the kernel on the piece's stream). Its pieces ran on
-one GPU (benchmarks/sm_peer_smoke.py); on several, ce_check.py checks it (not run yet).
+through the peers' mapped buffers instead, on the SMs, beside the copy engine's; completion is the same (the
+barrier / flags follow the kernel on the piece's stream). Its pieces ran on one GPU (benchmarks/sm_peer_smoke.py);
+on several, ce_check.py checks it (not run yet).
 Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
