@@ -453,6 +453,8 @@ class Worker:
             k = self.args.calls_per_sample
             if self.device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if self.args.gpu_ahead_ms:   # the GPU sleeps while the CPU queues the first call: no CPU lead timed
+                    torch.cuda._sleep(int(self.args.gpu_ahead_ms * 2e6))   # cycles, ~2 GHz
                 a.record()
                 for _ in range(k):   # back to back, as a denoising loop calls it: the CPU may run ahead
                     out = self.call(fn, inputs)
@@ -872,7 +874,9 @@ def format_md(rows, meta):
                 if tflops else "?"),
              f"- command: `{meta.get('cmd', '?')}`",
              f"- ms/step: median of >= 5 CUDA-event timings of {meta.get('calls_per_sample', 1)} transformer forward(s) "
-             "back to back / their number (2 warm-up calls), rank 0; "
+             "back to back / their number (2 warm-up calls), rank 0"
+             + (f", the GPU held {meta['gpu_ahead_ms']:g} ms before each timing so that the first call's CPU time is "
+                "not in it" if meta.get("gpu_ahead_ms") else "") + "; "
              "speed-up over the 1-GPU eager row of the same model; floor frac = FLOPs / (N x matmul TFLOP/s) / "
              "time; peak mem = max over ranks of torch.cuda.max_memory_allocated (weights included); rel err = "
              "||out - ref|| / ||ref|| vs the 1-GPU eager output (Inductor rows: like-for-like vs the 1-GPU "
@@ -995,7 +999,7 @@ def driver(args):
     deadline = time.time() + args.budget_s if args.budget_s else 0
     meta = read_meta([args.out])
     meta.update(date=datetime.date.today().isoformat(), gpus=gpus, tiny=tiny, versions=versions(),
-                calls_per_sample=args.calls_per_sample,
+                calls_per_sample=args.calls_per_sample, gpu_ahead_ms=args.gpu_ahead_ms,
                 cmd=" ".join([os.path.basename(sys.executable), *sys.argv]))
     if tiny or not torch.cuda.is_available():
         meta["gpu"] = "cpu"
@@ -1056,7 +1060,7 @@ def driver(args):
                        f"--master_port={free_port()}", os.path.abspath(__file__), "--worker",
                        "--models", model, "--methods", ",".join(gmethods), "--out", args.out,
                        "--warmup", str(args.warmup), "--iters", str(args.iters),
-                       "--calls-per-sample", str(args.calls_per_sample)]
+                       "--calls-per-sample", str(args.calls_per_sample), "--gpu-ahead-ms", str(args.gpu_ahead_ms)]
                 if d is not None:
                     cmd += ["--degrees", json.dumps(d)]
                 if tiny:
@@ -1153,6 +1157,11 @@ def main():
                     help="K: each timing = K forwards back to back between two CUDA events / K (a denoising "
                          "loop's steady state: the CPU launches step i+1 while the GPU runs step i); 1 = one "
                          "forward per timing, its launch latency included")
+    ap.add_argument("--gpu-ahead-ms", type=float, default=0,
+                    help="hold the GPU this long (a sleep kernel) before each timing's start event, so the CPU queues "
+                         "the first forward meanwhile: every forward of the sample then runs as in a loop's steady "
+                         "state, where the CPU is ahead (0: the first forward's CPU time, ~3-5 ms of dynamo guards "
+                         "and launches, is in each sample)")
     ap.add_argument("--budget-s", type=float, default=0, help="driver: total seconds; 0 = no limit")
     ap.add_argument("--deadline", type=float, default=0, help="(internal) epoch seconds")
     ap.add_argument("--subrun-timeout", type=float, default=1800)

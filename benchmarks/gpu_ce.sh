@@ -2,7 +2,7 @@
 # copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag, barrier
 # and spin completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
-#   [DEGS=u4,r4,u2xr2] [PROFILE=1] [CALLS=5] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
+#   [DEGS=u4,r4,u2xr2] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 # The spin A/B (session 20, carry .whl and .fa):
 #   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
@@ -19,7 +19,7 @@ if [ "${SKIP_CHECK:-0}" != 1 ]; then
   rc=$?; grep "^{" $OUT/ce_check.log; echo "ce_check rc=$rc"
   [ $rc = 0 ] || { tail -40 $OUT/ce_check.log; exit 1; }
 fi
-B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample ${CALLS:-5} --subrun-timeout ${SUBRUN_S:-480}"
+B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample ${CALLS:-5} ${AHEAD:+--gpu-ahead-ms $AHEAD} --subrun-timeout ${SUBRUN_S:-480}"
 X=/tmp/xb; mkdir -p $X/n$N/ref
 $B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1
 cp $X/n1/ref/*.pt $X/n$N/ref/

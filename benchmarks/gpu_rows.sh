@@ -6,7 +6,7 @@
 #   MICRO=1 bash benchmarks/gpu_rows.sh "flux2048:xdit_cg_ce_fm,xdit_cg_ce_fm_nr,diffusers_ind:u4"
 #   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
 # A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default min(4, G), the first N).
-# CALLS=K: K forwards per timing.
+# CALLS=K: K forwards per timing. AHEAD=MS: the GPU held MS ms before each timing (bench.py --gpu-ahead-ms).
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
 [ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -18,7 +18,7 @@ OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $R/n2/ref $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
 G=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}; [ "$G" -ge 2 ] 2>/dev/null || G=4  # TINY (CPU): 4
 NDEF=$(( G < 4 ? G : 4 ))
-B="python3 benchmarks/bench.py --driver --gpus $G ${TINY:+--tiny} --calls-per-sample ${CALLS:-1}"
+B="python3 benchmarks/bench.py --driver --gpus $G ${TINY:+--tiny} --calls-per-sample ${CALLS:-1} ${AHEAD:+--gpu-ahead-ms $AHEAD}"
 LIMIT=${LIMIT:-570}
 left() { echo $((LIMIT - SECONDS)); }
 for job in "$@"; do  # bad jobs fail before anything runs
