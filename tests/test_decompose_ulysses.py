@@ -416,6 +416,8 @@ CASES = {
                             "compile": {"ulysses_chunks": 4, "overlap": True}},
     "wan": {"model": "wan", "size": {}, "compile": {}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
+    # symm_mem: xdit.symm_all_to_all in the same token-major layout (on CPU its all_to_all_single fallback)
+    "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
     # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
     # (fuse_linears off: the schedule test checks that k's transfer runs while q is projected)
     "flux_ce": {"model": "flux", "size": {"text_len": 8},
@@ -521,6 +523,7 @@ def _run_case(case: dict) -> dict:
         "n_usp": sum(t.startswith(USP) for t in targets),
         "n_ring": sum(t.startswith(RING) for t in targets),
         "n_ag": sum(t.startswith("_c10d_functional.all_gather_into_tensor") for t in targets),
+        "n_symm": sum(t.startswith(SYMM) for t in targets),
         "n_decomposed": sum(bool(a.get("decomposed")) for a in attention),
         "explain": xc.explain(model),
     }
@@ -561,6 +564,14 @@ def test_decomposed_matches(key):
         assert r["n_op"] == 0, f"{key} rank {rank}: {r['n_op']} {ULYSSES} nodes left\n{r['explain']}"
         assert r["n_a2a"] > 0 and r["n_a2a"] == 2 * chunks * r["n_decomposed"], f"{key} rank {rank}: {r}"
         assert "decomposed" in r["explain"]
+
+
+def test_symm_mem_decomposed_matches():
+    """compile.all_to_all = "symm_mem" end to end under Inductor: two symm_all_to_all per attention, the output
+    of one process."""
+    for rank, r in enumerate(_results("flux_symm")):
+        assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_op"] == 0 and r["n_a2a"] == 0 and r["n_symm"] == 2 * r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
 @pytest.mark.parametrize("key", ["flux_agkv"])
