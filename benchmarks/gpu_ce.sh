@@ -2,7 +2,7 @@
 # copy_engine on N GPUs in one device call (< 10 min): the op check (exact against an all-gather, flag, barrier
 # and spin completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
-#   [DEGS=u4,r4,u2xr2] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
+#   [DEGS=u4,r4,u2xr2] [XB=outputs/xb REUSE_N1=1] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 # The spin A/B (session 20, carry .whl and .fa):
 #   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
@@ -20,8 +20,9 @@ if [ "${SKIP_CHECK:-0}" != 1 ]; then
   [ $rc = 0 ] || { tail -40 $OUT/ce_check.log; exit 1; }
 fi
 B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample ${CALLS:-5} ${AHEAD:+--gpu-ahead-ms $AHEAD} --subrun-timeout ${SUBRUN_S:-480}"
-X=/tmp/xb; mkdir -p $X/n$N/ref
-$B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1
+X=${XB:-/tmp/xb}; mkdir -p $X/n$N/ref   # XB=outputs/xb keeps the 1-GPU reference on a warm machine for the next call
+if [ "${REUSE_N1:-0}" = 1 ] && ls $X/n1/ref/*.pt > /dev/null 2>&1; then echo "reusing $X/n1 (1-GPU reference)"
+else $B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1; fi
 cp $X/n1/ref/*.pt $X/n$N/ref/
 if [ "${SPLIT:-0}" = 1 ]; then   # each method in its own sub-run (its own SUBRUN_S): a slow compile of one ends only its row
   for m in ${METHODS//,/ }; do
