@@ -37,15 +37,15 @@ where cuMemcpy2DAsync is the driver's copy kernel on the SMs, not a copy engine.
 copies it runs beside (FLUX 2048² ulysses 2: ~32 against ~74 us), so where compute waits for a transfer it is off
 the critical path; launched before a GEMM it delays that GEMM by ~5 us at FLUX 2048² ulysses 4, and neither a
 Triton kernel nor a rank-major 1-D layout did better (benchmarks/results/session22/). XDIT_CE_LOCAL=triton copies
-it with runtime/local_copy.py's kernel instead (opt-in; benchmarks/ce_check.py checks it on GPUs, not run yet).
+it with runtime/local_copy.py's kernel instead (opt-in; exact on 2 and 4 GPUs in benchmarks/ce_check.py, session 24).
 A rank's peer copies do not overlap each other: in recorded ulysses-4 steps the three pieces of a transfer ran one
 after another on the copy engine, ~3.7 us apart, at ~300 GB/s each (H100; benchmarks/trace_gaps.py,
 benchmarks/results/session22/). Where nothing computes beside a transfer (a start with exposed=True: q's and the
 output's transfers of FLUX's double blocks and Wan's self-attention, of the first / last head chunk),
 XDIT_CE_SM_PEERS=k (opt-in, default 0) stores the pieces of the last k peers with runtime/local_copy.py's kernel
 through the peers' mapped buffers instead, on the SMs, beside the copy engine's; completion is the same (the
-barrier / flags follow the kernel on the piece's stream). Its pieces ran on one GPU (benchmarks/sm_peer_smoke.py);
-on several, ce_check.py checks it (not run yet).
+barrier / flags follow the kernel on the piece's stream). ce_check.py found it exact on 2 and 4 GPUs (one peer and
+every peer by SMs, session 24); its 4-GPU timing has not run.
 Completion (XDIT_CE_SIGNAL):
 - "barrier" (default): a signal-pad barrier kernel on a side stream (every peer's pieces have landed, times
   out after XDIT_TIMEOUT_S), then an event the wait makes the current stream wait on. The kernel needs an SM
