@@ -4,6 +4,8 @@
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
 #   [DEGS=u4,r4,u2xr2] [XB=outputs/xb REUSE_N1=1] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
+# Chained in one call with the same OUT and XB (and REUSE_N1=1, SKIP_CHECK=1 after the first), the runs share
+# their 8 files (the device tool returns at most 8): logs append, bench.md and rows_n$N.jsonl hold every row.
 # The spin A/B (session 20, carry .whl and .fa):
 #   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
 set -u
@@ -22,14 +24,14 @@ fi
 B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample ${CALLS:-5} ${AHEAD:+--gpu-ahead-ms $AHEAD} --subrun-timeout ${SUBRUN_S:-480}"
 X=${XB:-/tmp/xb}; mkdir -p $X/n$N/ref   # XB=outputs/xb keeps the 1-GPU reference on a warm machine for the next call
 if [ "${REUSE_N1:-0}" = 1 ] && ls $X/n1/ref/*.pt > /dev/null 2>&1; then echo "reusing $X/n1 (1-GPU reference)"
-else $B --ns 1 --models $MODEL --methods eager --out $X/n1 > $OUT/bench_n1.log 2>&1; fi
+else $B --ns 1 --models $MODEL --methods eager --out $X/n1 >> $OUT/bench_n1.log 2>&1; fi
 cp $X/n1/ref/*.pt $X/n$N/ref/
 if [ "${SPLIT:-0}" = 1 ]; then   # each method in its own sub-run (its own SUBRUN_S): a slow compile of one ends only its row
   for m in ${METHODS//,/ }; do
     $B --ns $N --models $MODEL --methods $m --degs ${DEGS:-u$N} --out $X/n$N >> $OUT/bench_n$N.log 2>&1
   done
 else
-  $B --ns $N --models $MODEL --methods $METHODS --degs ${DEGS:-u$N} --out $X/n$N > $OUT/bench_n$N.log 2>&1
+  $B --ns $N --models $MODEL --methods $METHODS --degs ${DEGS:-u$N} --out $X/n$N >> $OUT/bench_n$N.log 2>&1
 fi
 python3 benchmarks/bench.py --merge --out $X/n$N --merge-from $X/n1 --md $OUT/bench.md > /dev/null 2>&1
 cp $X/n$N/rows.jsonl $OUT/rows_n$N.jsonl; cp $X/n1/rows.jsonl $OUT/rows_n1.jsonl
