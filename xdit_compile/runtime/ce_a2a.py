@@ -362,9 +362,10 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     if not ce:
         if dist.get_backend(pg) == "fake":   # one process standing for a rank (profile_step.py --fake-world)
             if not st.get("filled"):
-                # The peers' pieces never arrive here. Fresh device memory reads as zeros, and GEMMs and attention
-                # on zeros draw less power and run ~10% faster on a power-capped GPU. So the buffer starts out
-                # holding activation-like values, once, before any CUDA-graph capture (a warm-up run comes first).
+                # The peers' pieces never arrive here. Left as fresh device memory (zeros), the rank's attention
+                # and GEMMs ran ~10% fast (benchmarks/results/session24/: most likely less power on zeros under
+                # the GPU's power cap). So the buffer starts out holding activation-like values, once, before
+                # any CUDA-graph capture (a warm-up run comes first).
                 st["buf"].normal_()
                 st["filled"] = True
             _own_piece(st["buf"], xt, kind, chunk, chunks, n, me, hc)
