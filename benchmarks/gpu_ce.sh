@@ -5,7 +5,8 @@
 #   [DEGS=u4,r4,u2xr2] [XB=outputs/xb REUSE_N1=1] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
 #   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 # Chained in one call with the same OUT and XB (and REUSE_N1=1, SKIP_CHECK=1 after the first), the runs share
-# their 8 files (the device tool returns at most 8): logs append, bench.md and rows_n$N.jsonl hold every row.
+# their files (the device tool returns at most 8): logs append, bench.md and rows_n$N.jsonl hold every row. With
+# the check and PROFILE=1 a call returns 8: ce_check.jsonl, bench.md, 2 logs, 2 rows files, the profile and trace.
 # The spin A/B (session 20, carry .whl and .fa):
 #   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
 set -u
@@ -15,11 +16,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -d .fa ] && source benchmarks/fa_cute_env.sh   # flash_attn.cute where the call carries .fa/ (attention "auto")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
   timeout 240 torchrun --nproc_per_node $N benchmarks/ce_check.py --out $OUT/ce_check.jsonl ${CHECK_ARGS:-} > $OUT/ce_check.log 2>&1
   rc=$?; grep "^{" $OUT/ce_check.log; echo "ce_check rc=$rc"
   [ $rc = 0 ] || { tail -40 $OUT/ce_check.log; exit 1; }
+  rm -f $OUT/ce_check.log   # its rows are in ce_check.jsonl (the device tool returns at most 8 files)
 fi
 B="python3 benchmarks/bench.py --driver --gpus $N --calls-per-sample ${CALLS:-5} ${AHEAD:+--gpu-ahead-ms $AHEAD} --subrun-timeout ${SUBRUN_S:-480}"
 X=${XB:-/tmp/xb}; mkdir -p $X/n$N/ref   # XB=outputs/xb keeps the 1-GPU reference on a warm machine for the next call
@@ -38,8 +39,10 @@ cp $X/n$N/rows.jsonl $OUT/rows_n$N.jsonl; cp $X/n1/rows.jsonl $OUT/rows_n1.jsonl
 grep "^|" $OUT/bench.md | head -20
 tail -5 $OUT/bench_n$N.log
 if [ -n "${PROFILE:-}" ]; then   # PROFILE=1: the copy_engine step's profile by kernel kind, in what is left of 570 s
+  CJ=${COMPILE_JSON:-'{"fuse_modulation": true}'}   # the plan of xdit_cg_ce_fm, the rows' shipped plan
   left=$((570 - SECONDS)); [ $left -gt 60 ] && timeout $left torchrun --nproc_per_node $N benchmarks/profile_step.py \
-    --model $MODEL --ulysses $N --lowering inductor --cudagraphs --all-to-all copy_engine \
-    --trace $OUT/trace_${MODEL}_ce.json.gz ${PROFILE_ARGS:-} --out $OUT/profile_${MODEL}_ce.md > $OUT/profile.log 2>&1; echo "profile rc=$? at ${SECONDS}s"
+    --model $MODEL --ulysses $N --lowering inductor --cudagraphs --all-to-all copy_engine --compile-json "$CJ" \
+    --trace $OUT/trace_${MODEL}_ce.json.gz ${PROFILE_ARGS:-} --out $OUT/profile_${MODEL}_ce.md > $OUT/profile.log 2>&1; prc=$?; echo "profile rc=$prc at ${SECONDS}s"
+  [ $prc = 0 ] && rm -f $OUT/profile.log || tail -20 $OUT/profile.log
   cat $OUT/profile_${MODEL}_ce.md 2>/dev/null | head -30
 fi

@@ -200,7 +200,7 @@ class CompileConfig:
     the layouts SDPA and the out projection read, while independent compute runs (the schedule_transfers pass places
     it); completion by a barrier kernel with a timeout (``XDIT_CE_SIGNAL=flag``: stream-memop flags, no SM work, no
     timeout, slower on 4 GPUs; ``XDIT_CE_SIGNAL=spin``: those flags waited for by a kernel on the compute stream, so
-    nothing spins beside compute; opt-in, not yet timed on several GPUs); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4 on 4
+    nothing spins beside compute; opt-in, exact on 2 and 4 GPUs, no faster on 2); falls back to NCCL / gloo like symm_mem; fastest measured: FLUX 1024² ulysses 4 on 4
     x H100 40.5 ms/step (38.6 with fuse_modulation and fuse_gelu); on 4 x H200 41.3 (flags) against 46.1 with nccl;
     Wan 480p ulysses 4 on 4 x H200 781.9 ms/step, 816.8 with nccl in an earlier run). Its receive buffers are made
     before the graph first runs (a rendezvous inside the first run deadlocked against Inductor's per-rank
