@@ -209,6 +209,18 @@ def main():
     os._exit(0)
 
 
+def physical_gpu(device) -> int | None:
+    """nvidia-smi's index of this process's GPU (it ignores CUDA_VISIBLE_DEVICES, which renumbers the GPUs torch
+    sees); None where CUDA_VISIBLE_DEVICES names GPUs by UUID."""
+    import os
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    idx = device.index if device.index is not None else 0
+    if not vis:
+        return idx
+    ids = [v.strip() for v in vis.split(",")]
+    return int(ids[idx]) if idx < len(ids) and ids[idx].isdigit() else None
+
+
 def start_smi():
     """Sample every GPU's SM clock, power and temperature every 100 ms (nvidia-smi) until stop_smi."""
     import subprocess
@@ -254,23 +266,25 @@ def skew(prof, device, steps, smi) -> list[str]:
     want = ("attention", "matmul", "fused elementwise (triton)")
     ks = sorted((e.time_range.start, e.time_range.end - e.time_range.start, kind(e.name)) for e in prof.events()
                 if e.device_type.name == "CUDA" and kind(e.name) in want and not e.name.startswith("## "))
-    mine = [(d, k) for _, d, k in ks]
+    mine = (physical_gpu(device), [(d, k) for _, d, k in ks])
     allr = [None] * dist.get_world_size()
     dist.all_gather_object(allr, mine)
     clocks = stop_smi(smi)
     if dist.get_rank() != 0:
         return []
+    gpus = [g for g, _ in allr]
+    allr = [ker for _, ker in allr]
     n = min(len(r) for r in allr)
     lines = ["", f"Rank skew ({n // steps} compute kernels per step matched by position; ms/step):", "",
-             "| rank | compute | attention | matmul | SM clock MHz (mean) | power W (mean) | max temp C |",
-             "|---|---|---|---|---|---|---|"]
+             "| rank | GPU (nvidia-smi index) | compute | attention | matmul | SM clock MHz (mean) | power W (mean) | "
+             "max temp C |", "|---|---|---|---|---|---|---|---|"]
     for r, ker in enumerate(allr):
         tot = sum(d for d, _ in ker[:n]) / 1e3 / steps
         att = sum(d for d, k in ker[:n] if k == "attention") / 1e3 / steps
         mm = sum(d for d, k in ker[:n] if k == "matmul") / 1e3 / steps
-        c = clocks.get(r)
+        c = clocks.get(gpus[r]) if gpus[r] is not None else None
         cs = f"{c[0]:.0f} | {c[1]:.0f} | {c[2]:.0f}" if c else "- | - | -"
-        lines.append(f"| {r} | {tot:.2f} | {att:.2f} | {mm:.2f} | {cs} |")
+        lines.append(f"| {r} | {'?' if gpus[r] is None else gpus[r]} | {tot:.2f} | {att:.2f} | {mm:.2f} | {cs} |")
     mine0 = sum(d for d, _ in allr[0][:n])
     per_kernel = sum(max(r[i][0] for r in allr) for i in range(n)) - mine0
     whole = max(sum(d for d, _ in r[:n]) for r in allr) - mine0
