@@ -211,7 +211,8 @@ def main():
 
 def physical_gpu(device) -> int | None:
     """nvidia-smi's index of this process's GPU (it ignores CUDA_VISIBLE_DEVICES, which renumbers the GPUs torch
-    sees); None where CUDA_VISIBLE_DEVICES names GPUs by UUID."""
+    sees); None where CUDA_VISIBLE_DEVICES names GPUs by UUID. Assumes CUDA numbers the GPUs in PCI bus order, as
+    nvidia-smi does (CUDA_DEVICE_ORDER=PCI_BUS_ID, or a machine of identical GPUs)."""
     import os
     vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     idx = device.index if device.index is not None else 0
