@@ -290,6 +290,24 @@ def _ce_op(rank: int, world_size: int) -> dict:
         outs = [o.contiguous() for o in (y * 2).unflatten(2, (parts, -1)).unbind(2)]
         z = wait([start(o, g, "op", 0, p, parts) for p, o in enumerate(outs)], outs, g, "op", 0, 0, parts)
         out[f"parts{parts}"] = ok and torch.equal(z, x * 2) and z.shape == x.shape
+    # in-place kinds (compile.ce_in_place): the producer writes into the receive buffer (then only the peers'
+    # pieces move) or not (then the start also copies the own piece); the same result either way
+    def in_place(grp, kind, slot, src, written):
+        if kind == "oi":                    # src: the attention output (B, h, L, D)
+            dst = ce_a2a.in_place_out(grp, kind, slot, src.shape, src.dtype, src.device)
+        else:                               # src: q / k (B, H, S, D); the producer writes (B, S, H, D)
+            dst = ce_a2a.in_place_out(grp, kind, slot, src.transpose(1, 2).shape, src.dtype, src.device)
+            dst = dst.transpose(1, 2)
+        if written:
+            src = dst.copy_(src)
+        return wait([start(src, grp, kind, slot)], [], grp, kind, slot)   # the token has the shape
+    heads_full = full[:, rank * h:(rank + 1) * h]
+    for written in (True, False):
+        for kind in ("qi", "ki"):
+            y = in_place(g, kind, 1, x, written)
+            out[f"{kind}_{written}"] = torch.equal(y, heads_full) and y.stride(2) == heads * d
+        z = in_place(g, "oi", 1, heads_full * 2, written)
+        out[f"oi_{written}"] = torch.equal(z, x * 2) and z.shape == x.shape
     # a fake group (profile_step.py --fake-world): only the own piece, where the real transfer puts it
     from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the "fake" backend)
     f = dist.new_group(backend="fake").group_name
@@ -313,6 +331,12 @@ def _ce_op(rank: int, world_size: int) -> dict:
     outs = [o.contiguous() for o in (yr * 2).unflatten(2, (2, -1)).unbind(2)]   # 2 query parts
     z = wait([start(o, f, "op", 0, p, 2) for p, o in enumerate(outs)], outs, f, "op", 0, 0, 2)
     own = own and torch.equal(z[:, heads_mine], x[:, heads_mine] * 2)
+    for written in (True, False):           # in-place kinds: the own piece in place, the rest random
+        yi = in_place(f, "ki", 0, x, written)
+        own = own and torch.equal(yi[:, :, mine], x[:, heads_mine]) and 0.5 < yi[:, :, :rank * s].float().std() < 2.0 \
+            if rank else own and torch.equal(yi[:, :, mine], x[:, heads_mine])
+        zi = in_place(f, "oi", 0, heads_full * 3, written)
+        own = own and torch.equal(zi[:, heads_mine], x[:, heads_mine] * 3)
     out["own_piece"] = own
     for name, args in {"kind": (x, g, "p", 0), "heads": (x[:, :3], g, "q", 0), "dims": (x[0], g, "q", 0),
                        "signal": (x, g, "q", 0), "local": (x, g, "q", 0), "parts": (x, g, "op", 0, 0, 3),
@@ -341,6 +365,8 @@ def test_copy_engine_op_on_cpu(world_size):
         assert r["own_piece"], f"rank {rank}: under a fake group the own piece is not where the transfer puts it"
         assert r["fake_filled"], f"rank {rank}: under a fake group the peers' pieces are not random values"
         assert r["parts2"] and r.get("parts4", world_size == 2), f"rank {rank}: {r}"
+        assert all(r[f"{kind}_{written}"] for kind in ("qi", "ki", "oi") for written in (True, False)), \
+            f"rank {rank}: in-place kinds {r}"
         assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
         assert "XDIT_CE_SIGNAL='flags'" in r["signal"] and "'barrier'" in r["signal"] and "'spin'" in r["signal"], r
@@ -438,6 +464,10 @@ CASES = {
     # fuse_linears: q/k/v (and the text stream's) as one GEMM each, before schedule_transfers
     "flux_ce_fl": {"model": "flux", "size": {"text_len": 8},
                    "compile": {"all_to_all": "copy_engine", "fuse_linears": True}},
+    # ce_in_place: q / k by xdit::norm_rope_into and the output by xdit::attention_into, into the receive buffers
+    "flux_ce_ip": {"model": "flux", "size": {"text_len": 8},
+                   "compile": {"all_to_all": "copy_engine", "ce_in_place": True}},
+    "wan_ce_ip": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine", "ce_in_place": True}},
 }
 
 
@@ -503,7 +533,7 @@ def _run_case(case: dict) -> dict:
     code_order = []   # the same, in the order of Inductor's generated code (what runs)
     for code in codes:
         for line in code.splitlines():
-            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*?'(qr|op|[qkvo])', \d+", line)
+            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*?'(qr|op|[qko]i|[qkvo])', \d+", line)
             if m:
                 code_order.append(("S:" if m.group(1) == "start" else "W:") + m.group(2))
             elif re.search(r"extern_kernels\.(addmm|mm)\(", line):
@@ -587,7 +617,8 @@ def test_allgather_kv_matches(key):
         assert r["n_ag"] >= r["n_decomposed"] > 0, f"rank {rank}: {r}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl", "flux_ce_ip",
+                                 "wan_ce_ip"])
 def test_copy_engine_matches(key):
     c = CASES[key]["compile"].get("ulysses_chunks", 1)
     parts = CASES[key]["compile"].get("query_parts", 1)
@@ -647,7 +678,8 @@ def test_copy_engine_schedule(which):
     assert "lin" in tail[tail.index("S:o"):tail.index("W:o")], f"mlp half of proj_out during the o transfer: {tail}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl"])
+@pytest.mark.parametrize("key", ["flux_ce", "wan_ce", "flux_ce_c2", "flux_ce_qp2", "flux_ce_fl", "flux_ce_ip",
+                                 "wan_ce_ip"])
 def test_copy_engine_starts_in_one_order(key):
     """The generated code of every rank starts the transfers in the fx graph's order, the same on all ranks:
     schedule_transfers chains the starts (a start queues a barrier, and allocated its buffer collectively, so
@@ -676,6 +708,22 @@ def test_copy_engine_exposed_starts(key, want):
         got = {kind for kind, _ in exposed} if key in ("flux_ce", "wan_ce") else set(exposed)
         assert got == want and len(exposed) == len(want), f"rank {rank}: {r['exposed']}"
         assert r["code_exposed"] == len(want), f"rank {rank}: {r['code_exposed']}"
+
+
+@pytest.mark.parametrize("key", ["flux_ce_ip", "wan_ce_ip"])
+def test_copy_engine_in_place(key):
+    """compile.ce_in_place: every attention's q and k transfers are in-place kinds (xdit::norm_rope_into wrote them into
+    the receive buffer), and so is the output (xdit::attention_into; on CPU the same math); v stays plain. The output
+    matches one process (test_copy_engine_matches) and the starts still come before the first wait, q's and the
+    output's marked exposed where the plain plan marks them."""
+    for rank, r in enumerate(_results(key)):
+        n_att = r["n_decomposed"]
+        starts = [x for x in r["order"] if x.startswith("S:")]
+        assert sorted(starts) == sorted(["S:v", "S:ki", "S:qi", "S:oi"] * n_att), f"rank {rank}: {r['order']}"
+        assert r["explain"].count("written in place: q k o") == n_att, r["explain"]
+        assert [x for x in r["code_order"] if x.startswith("S:")] == starts, f"rank {rank}: {r['code_order']}"
+        plain = _results(key.removesuffix("_ip"))[rank]["exposed"]
+        assert [(k[0], e) for k, _, e in r["exposed"]] == [(k[0], e) for k, _, e in plain], (r["exposed"], plain)
 
 
 def test_fuse_linears_with_copy_engine():

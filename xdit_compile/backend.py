@@ -41,6 +41,7 @@ class CompileContext:
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
     query_parts: int = 1               # plan.compile.query_parts (decompose_ulysses, copy_engine)
+    ce_in_place: bool = False          # plan.compile.ce_in_place (decompose_ulysses, copy_engine)
     all_to_all: str = "nccl"           # plan.compile.all_to_all as run (decompose_ulysses; all_to_all_mode)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
@@ -152,6 +153,7 @@ class XditCompiler:
                              decompose_collectives=self.plan.compile.decompose_collectives,
                              ulysses_chunks=self.plan.compile.ulysses_chunks,
                              query_parts=self.plan.compile.query_parts,
+                             ce_in_place=self.plan.compile.ce_in_place,
                              all_to_all=all_to_all_mode(self.plan.compile.all_to_all, self.plan.compile.lowering,
                                                         _device_type(example_inputs),
                                                         ulysses=self.dims.axis_size("ulysses"),

@@ -21,13 +21,21 @@ def _register_wait_lowering():
     so once its last reader ran Inductor may hand the same memory to a later buffer of the same size (``bufN =
     bufM; del bufM  # reuse``): the next block's v projection then lands in a receive buffer that peers write
     into (FLUX 2048² on 4 x H100, where v's projection and a receive buffer are both 4224 x 3072). Its outputs
-    are marked never-reuse instead."""
+    are marked never-reuse instead; so are those of the producers that write into a receive buffer
+    (runtime/ce_in_place.py)."""
     import torch
+    from ..runtime import ce_in_place  # noqa: F401  (registers the ops)
+
+    for op in (torch.ops.xdit.a2a_wait.default, torch.ops.xdit.norm_rope_into.default,
+               torch.ops.xdit.attention_into.default):
+        _never_reuse_lowering(op)
+
+
+def _never_reuse_lowering(op):
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
     from torch._inductor.virtualized import V
 
-    op = torch.ops.xdit.a2a_wait.default
     if getattr(lowerings.get(op), "_xdit_never_reuse", False):
         return
     fallback = fallback_handler(op, add_to_fallback_set=False)

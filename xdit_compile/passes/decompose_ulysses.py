@@ -102,7 +102,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from ..runtime import ce_a2a
+from ..runtime import ce_a2a, ce_in_place  # noqa: F401  (ce_in_place registers xdit::norm_rope_into, attention_into)
+from ..runtime import norm_rope as _norm_rope  # noqa: F401  (registers xdit::norm_rope)
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -110,6 +111,9 @@ c10d = torch.ops._c10d_functional
 ULYSSES_OP = torch.ops.xdit.ulysses_attention.default
 USP_OP = torch.ops.xdit.usp_attention.default
 RING_OP = torch.ops.xdit.ring_attention.default
+NORM_ROPE = torch.ops.xdit.norm_rope.default
+NORM_ROPE_INTO = torch.ops.xdit.norm_rope_into.default
+ATTENTION_INTO = torch.ops.xdit.attention_into.default
 DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
 CE = "decomposed: copy-engine all-to-all (xdit.a2a_start / a2a_wait) + sdpa"
 ALLGATHER_KV = "decomposed: all-gather of k, v (_c10d_functional) + sdpa of the local queries on all heads"
@@ -157,11 +161,13 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 chunks = 1
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
-                out = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts, exposed=not partner)
                 qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
+                allowed = _in_place_kinds(ctx, qv) if chunks == 1 and parts == 1 else ()
+                out, in_place = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts,
+                                                  exposed=not partner, in_place=allowed)
                 if hasattr(ctx, "ce_buffers"):
                     ctx.ce_buffers += ce_a2a.buffer_specs(group, len(sizes), (*qv.shape[:2], sizes[0], qv.shape[3]),
-                                                          qv.dtype, qv.device, slot % 2, chunks, parts)
+                                                          qv.dtype, qv.device, slot % 2, chunks, parts, in_place)
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm, ring)
@@ -184,6 +190,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 kv = k.meta["example_value"]   # full size: (B, H, L, D); each rank sends its k, v shard N - 1 times
                 rec["bytes"] = (len(sizes) - 1) * 2 * kv.numel() // len(sizes) * kv.element_size()
             extra = f", {chunks} head chunks" if chunks > 1 else f", {parts} query parts" if parts > 1 else ""
+            if mode == "copy_engine" and in_place:
+                extra += f", written in place: {' '.join(k[0] for k in in_place)}"
             if ring:
                 how = how.replace("+ sdpa", f"+ ring attention over {len(ring[1])} ranks")
             rec["became"] = f"{rec['became']} ({how}{extra})"
@@ -289,14 +297,67 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
     return call(aten.transpose.int, o, 1, 2)                                      # (B, H, S, D) view
 
 
+def _in_place_kinds(ctx, qv) -> tuple:
+    """compile.ce_in_place: the transfers whose producer may write into the receive buffer (runtime/ce_in_place.py):
+    q and k (when xdit::norm_rope makes them), the output when the attention kernel writes through strides
+    (attention backend fa3_cute; off CUDA the same math, so tests run it)."""
+    if not getattr(ctx, "ce_in_place", False):
+        return ()
+    cuda = getattr(getattr(qv, "device", None), "type", "cpu") == "cuda"
+    return ("qi", "ki") + (("oi",) if getattr(ctx, "attention_backend", "auto") == "fa3_cute" or not cuda else ())
+
+
+_PERMUTE = {"permute", torch.permute, aten.permute.default}
+_TRANSPOSE = {"transpose", torch.transpose, aten.transpose.int}
+
+
+def _norm_rope_into(g: fx.Graph, x: fx.Node, kind: str, group, slot: int) -> bool:
+    """x = (B, H, S, D) view of an xdit::norm_rope output nothing else reads: that op becomes xdit::norm_rope_into,
+    which writes into the in-place receive buffer of `kind`. Whether it did."""
+    if not isinstance(x, fx.Node) or not x.args or not isinstance(x.args[0], fx.Node):
+        return False
+    nr, dims = x.args[0], tuple(a for a in x.args[1:] if isinstance(a, int))
+    if not ((x.target in _PERMUTE and dims in ((0, 2, 1, 3),)) or (x.target in _TRANSPOSE and set(dims) == {1, 2})):
+        return False
+    if nr.op != "call_function" or nr.target is not NORM_ROPE or len(nr.args) < 8:
+        return False
+    # x, and what only takes its dtype (Wan: the attention output's type_as(query))
+    if any(u is not x and not (u.target == "type_as" and u.args[1:] == (nr,)) for u in nr.users):
+        return False
+    args = [nr.args[i] if i < len(nr.args) else nr.kwargs.get("round_first", False) for i in range(9)]
+    with g.inserting_before(nr):
+        new = g.call_function(NORM_ROPE_INTO, (*args, group, kind, slot))
+    new.meta = dict(nr.meta)
+    nr.replace_all_uses_with(new)
+    g.erase_node(nr)
+    return True
+
+
 def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1,
-                      exposed: bool = False) -> fx.Node:
+                      exposed: bool = False, in_place=()) -> tuple[fx.Node, tuple]:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
     query part of the rotated q instead, each part's output sent back at once. exposed: an output without a
     partner, so q's transfer (of the first chunk) and the output's (of the last) have no compute beside them: those
-    starts say so (XDIT_CE_SM_PEERS)."""
+    starts say so (XDIT_CE_SM_PEERS). in_place: the in-place kinds allowed (one chunk, no query parts); returns the
+    output and the in-place kinds used."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
+    if in_place:
+        used = tuple(kind for kind, x in (("qi", q), ("ki", k)) if kind in in_place
+                     and _norm_rope_into(g, x, kind, group, slot)) + (("oi",) if "oi" in in_place else ())
+        kinds = {base: base + "i" if base + "i" in used else base for base in "qkvo"}
+        tokens = {kind: g.call_function(start, (x, group, kinds[kind], slot, 0, 1),
+                                        {"exposed": True} if exposed and kind == "q" else {})
+                  for kind, x in (("v", v), ("k", k), ("q", q))}
+        # an in-place kind's wait does not take x (a view of the buffer it returns a view of): see ce_a2a._token
+        got = [g.call_function(wait, ([tokens[kind]], [] if kinds[kind] in used else [x], group, kinds[kind], slot,
+                                      0, 1)) for kind, x in (("q", q), ("k", k), ("v", v))]
+        if "oi" in used:
+            o = g.call_function(ATTENTION_INTO, (*got, scale, group, slot))
+        else:
+            o = g.call_function(F.scaled_dot_product_attention, tuple(got), {"scale": scale})
+        sent = g.call_function(start, (o, group, kinds["o"], slot, 0, 1), {"exposed": True} if exposed else {})
+        return g.call_function(wait, ([sent], [] if "oi" in used else [o], group, kinds["o"], slot, 0, 1)), used
     if parts > 1:
         qkv = (("v", v), ("k", k), ("qr", q))
         tokens = {kind: g.call_function(start, (x, group, kind, slot, 0, 1)) for kind, x in qkv}
@@ -308,7 +369,7 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
             o = g.call_function(F.scaled_dot_product_attention, (qp, got["k"], got["v"]), {"scale": scale})
             outs.append(o)                                                        # (B, h, L/P, D)
             sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))
-        return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts))   # (B, H, S, D), a strided view
+        return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts)), ()   # (B, H, S, D), strided view
     qkv = (("v", v), ("k", k), ("q", q))
 
     def kw(kind: str, c: int) -> dict:
@@ -324,7 +385,7 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
         o = g.call_function(F.scaled_dot_product_attention, (got["q"], got["k"], got["v"]), {"scale": scale})
         outs.append(o)                                                            # (B, h/C, L, D)
         sent.append(g.call_function(start, (o, group, "o", slot, c, chunks), kw("o", c)))
-    return g.call_function(wait, (sent, outs, group, "o", slot, 0, chunks))       # (B, H, S, D), a strided view
+    return g.call_function(wait, (sent, outs, group, "o", slot, 0, chunks)), ()   # (B, H, S, D), a strided view
 
 
 def _emit_allgather_kv(g: fx.Graph, q, k, v, scale, group, num: int) -> fx.Node:

@@ -101,7 +101,8 @@ from .symm_a2a import _in_side_thread, _timeout_ms
 
 __all__ = ["available", "a2a_start", "a2a_wait", "buffer_specs", "out_shape", "reserve"]
 
-KINDS = ("q", "k", "v", "o", "qr", "op")
+KINDS = ("q", "k", "v", "o", "qr", "op", "qi", "ki", "oi")
+IN_PLACE = ("qi", "ki", "oi")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
 _PENDING: dict = {}   # (group, kind, slot, chunk) -> (events, what the copies read, flag addresses to wait on)
 _FLAGS: dict = {}     # (group, kind, slot, chunks, device) -> completion flags (XDIT_CE_SIGNAL=flag)
@@ -114,6 +115,10 @@ def out_shape(kind: str, shape, n: int, chunks: int = 1) -> tuple[tuple[int, ...
     """(shape, memory shape) of the whole received tensor, from the shape of what one start sends (for "o"
     with head chunks: one chunk's (B, h/C, L, D)); the result is memory.transpose(1, 2)."""
     b, h, s, d = shape
+    if kind == "oi":         # the whole (B, L, H, D): this rank's rows are what it receives
+        return (b, h * n, s // n, d), (b, s, h * n, d)
+    if kind in ("qi", "ki"):  # the whole (B, L, H, D): this rank's heads are what it receives
+        return (b, h // n, s * n, d), (b, s * n, h, d)
     if kind == "o":
         return (b, h * chunks * n, s // n, d), (b, s // n, h * chunks * n, d)
     if kind == "op":         # s = L / P tokens of one query part; chunks = P
@@ -251,6 +256,84 @@ def available(group_name: str, device: torch.device) -> bool:
     return _OK[key]
 
 
+def _state(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype, device: torch.device, ce: bool,
+           pg) -> dict:
+    """The receive buffer of (group, kind, slot, shape). Under torch's fake process group (one process standing for a
+    rank, profile_step.py --fake-world) the peers' pieces never arrive: left as fresh device memory (zeros), the
+    rank's attention and GEMMs ran ~10% fast (benchmarks/results/session24/: most likely less power on zeros under
+    the GPU's power cap). So there the buffer starts out holding activation-like values, once, when it is first
+    used (before any CUDA-graph capture: a warm-up run comes first), before a producer writes into it in place."""
+    st = _buffer(group_name, kind, slot, mem_shape, dtype, device, ce)
+    if not ce and not st.get("filled"):
+        if dist.get_backend(pg) == "fake":
+            st["buf"].normal_()
+        st["filled"] = True
+    return st
+
+
+def _own_view(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
+    """Where this rank's producer writes in an in-place kind's (B, L, H, D) buffer: qi / ki its tokens' rows
+    (B, S, H, D), whose own heads are its own piece; oi its heads (B, L, h, D), whose own rows are its own piece."""
+    if kind == "oi":
+        h = buf.shape[2] // n
+        return buf[:, :, me * h:(me + 1) * h]
+    s = buf.shape[1] // n
+    return buf[:, me * s:(me + 1) * s]
+
+
+def in_place_out(group_name: str, kind: str, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """For a producer of an in-place kind: the view of the receive buffer its output goes to, in the shape a2a_start
+    will get it: qi / ki (B, S, H, D) (q / k before the transpose: x.transpose(1, 2) is what the start takes), oi
+    (B, h, L, D) (the attention output, a transposed view of (B, L, h, D) rows)."""
+    pg = dist.distributed_c10d._resolve_process_group(group_name)
+    n, me = pg.size(), pg.rank()
+    if kind not in IN_PLACE:
+        raise ValueError(f"xdit.a2a in_place_out: kind {kind!r} is not one of {IN_PLACE}")
+    x_shape = tuple(shape) if kind == "oi" else (shape[0], shape[2], shape[1], shape[3])   # as the start gets it
+    _, mem_shape = out_shape(kind, x_shape, n)
+    ce = available(group_name, device) and n > 1
+    own = _own_view(_state(group_name, kind, slot, mem_shape, dtype, device, ce, pg)["buf"], kind, n, me)
+    return own.transpose(1, 2) if kind == "oi" else own
+
+
+def _in_place_piece(xt: Tensor, kind: str, n: int, me: int, j: int, bi: int, dst_base: int, e: int):
+    """(src, src pitch, dst, dst pitch, width, rows), pointers and bytes, of my piece for rank j in batch row bi of
+    an in-place kind: it lands in rank j's buffer where it sits in mine (when the producer wrote it in place)."""
+    b_, r_, c_, d = xt.shape
+    if kind == "oi":    # xt (B, L, h, D): rows j*S' of my heads -> rank j's rows j*S' at heads me*h
+        rows, h, big_h, big_l = r_ // n, c_, c_ * n, r_
+        src = xt.data_ptr() + (bi * xt.stride(0) + j * rows * xt.stride(1)) * e
+        dst = dst_base + ((bi * big_l + j * rows) * big_h + me * h) * d * e
+    else:               # xt (B, S, H, D): heads j*h of my rows -> rank j's rows me*S at heads j*h
+        rows, h, big_h, big_l = r_, c_ // n, c_, r_ * n
+        src = xt.data_ptr() + (bi * xt.stride(0) + j * h * d) * e
+        dst = dst_base + ((bi * big_l + me * rows) * big_h + j * h) * d * e
+    return src, xt.stride(1) * e, dst, big_h * d * e, h * d * e, rows
+
+
+def _own_piece_in_place(buf: Tensor, xt: Tensor, kind: str, n: int, me: int) -> None:
+    """Under a fake group, a producer that did not write in place: only its own piece, where it belongs."""
+    own = _own_view(buf, kind, n, me)
+    if kind == "oi":
+        own.unflatten(1, (n, -1))[:, me].copy_(xt.unflatten(1, (n, -1))[:, me])
+    else:
+        own.unflatten(2, (n, -1))[:, :, me].copy_(xt.unflatten(2, (n, -1))[:, :, me])
+
+
+def _fallback_in_place(buf: Tensor, xt: Tensor, kind: str, n: int, me: int, pg) -> None:
+    """An in-place kind's transfer with dist.all_to_all_single: the peers' pieces into this rank's part of buf."""
+    if kind == "oi":   # xt (B, L, h, D): rank j's rows go to rank j
+        send = xt.unflatten(1, (n, -1)).transpose(0, 1).contiguous()             # (N, B, S', h, D)
+    else:              # xt (B, S, H, D): rank j's heads go to rank j
+        send = xt.unflatten(2, (n, -1)).permute(2, 0, 1, 3, 4).contiguous()      # (N, B, S, h, D)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
+    if kind == "oi":   # my rows, rank P's heads
+        buf.unflatten(1, (n, -1))[:, me].unflatten(2, (n, -1)).copy_(recv.permute(1, 2, 0, 3, 4))
+    else:              # rank P's rows, my heads
+        buf.unflatten(2, (n, -1))[:, :, me].unflatten(1, (n, -1)).copy_(recv.transpose(0, 1))
+
+
 def _buffer(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype, device: torch.device,
             ce: bool) -> dict:
     key = (group_name, kind, slot, tuple(mem_shape), dtype, device)
@@ -270,15 +353,19 @@ def _buffer(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype
 
 
 def buffer_specs(group_name: str, n: int, q_shape, dtype: torch.dtype, device: torch.device, slot: int,
-                 chunks: int = 1, parts: int = 1) -> list[tuple]:
+                 chunks: int = 1, parts: int = 1, in_place=()) -> list[tuple]:
     """The receive buffers one decomposed attention's starts use (decompose_ulysses records them): q_shape is
-    this rank's (B, H, S, D) of q, k and v; the same keys a2a_start computes, and the chunk count of their flags."""
+    this rank's (B, H, S, D) of q, k and v; in_place: the in-place kinds it uses instead of their plain ones (qi for
+    q, ...); the same keys a2a_start computes, and the chunk count of their flags."""
     b, heads, s, d = q_shape
-    xs = [("v", q_shape, chunks), ("k", q_shape, chunks), ("qr" if parts > 1 else "q", q_shape, chunks)]
+
+    def kind(base: str) -> str:
+        return base + "i" if base + "i" in in_place else base
+    xs = [("v", q_shape, chunks), (kind("k"), q_shape, chunks), ("qr" if parts > 1 else kind("q"), q_shape, chunks)]
     if parts > 1:
         xs.append(("op", (b, heads // n, n * s // parts, d), parts))
     else:
-        xs.append(("o", (b, heads // n // chunks, n * s, d), chunks))
+        xs.append((kind("o"), (b, heads // n // chunks, n * s, d), chunks))
     return [(group_name, kind, slot, out_shape(kind, shape, n, c)[1], dtype, device, 1 if kind == "op" else c)
             for kind, shape, c in xs]
 
@@ -320,11 +407,11 @@ def _check(x: Tensor, kind: str, n: int, chunk: int, chunks: int) -> None:
             raise ValueError(f"xdit.a2a_start: query part {chunk} of {chunks}: the parts must divide the group size "
                              f"{n} and a part's {x.shape[2]} tokens into {max(1, n // max(chunks, 1))} rank blocks")
         return
-    if kind == "qr" and chunks != 1:
-        raise ValueError("xdit.a2a_start: kind 'qr' (rotated q, for query parts) takes no head chunks")
-    split = x.shape[2] if kind == "o" else x.shape[1]
+    if kind in ("qr", *IN_PLACE) and chunks != 1:
+        raise ValueError(f"xdit.a2a_start: kind {kind!r} takes no head chunks")
+    split = x.shape[2] if kind in ("o", "oi") else x.shape[1]
     if split % n:
-        what = "sequence" if kind == "o" else "heads"
+        what = "sequence" if kind in ("o", "oi") else "heads"
         raise ValueError(f"xdit.a2a_start: {what} ({split}) not divisible by the group size {n}")
     if chunks < 1 or not 0 <= chunk < chunks or (kind != "o" and (x.shape[1] // n) % chunks):
         raise ValueError(f"xdit.a2a_start: chunk {chunk} of {chunks} does not cut the {x.shape[1] // n} local "
@@ -348,8 +435,16 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
     sm = _sm_peers(n) * exposed         # read on every path, so a bad XDIT_CE_SM_PEERS fails on CPU too
     shape, mem_shape = out_shape(kind, x.shape, n, chunks)
     ce = available(group_name, x.device) and n > 1
-    st = _buffer(group_name, kind, slot, mem_shape, x.dtype, x.device, ce)
-    xt = x.transpose(1, 2).contiguous()      # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
+    st = _state(group_name, kind, slot, mem_shape, x.dtype, x.device, ce, pg)
+    in_place = kind in IN_PLACE
+    if in_place:             # (B, S, H, D) / (B, L, h, D), any row pitch: in place it is a view of the buffer
+        xt = x.transpose(1, 2)
+        if xt.stride(3) != 1 or xt.stride(2) != xt.shape[3]:
+            xt = xt.contiguous()
+        own = _own_view(st["buf"], kind, n, me)
+        written = xt.data_ptr() == own.data_ptr() and xt.stride() == own.stride()   # the producer wrote it there
+    else:
+        xt = x.transpose(1, 2).contiguous()  # (B, S, H, D) for q/k/v, (B, L, hc, D) for o: no copy when it already is
     b, d = xt.shape[0], xt.shape[3]
     per = n // chunks if kind == "op" else n                 # rank blocks in x (op: in one query part)
     dests = [(me + 1 + chunk * per + i) % n for i in range(per)] if kind == "op" else list(range(n))
@@ -361,17 +456,16 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
         hc = h // chunks
     if not ce:
         if dist.get_backend(pg) == "fake":   # one process standing for a rank (profile_step.py --fake-world)
-            if not st.get("filled"):
-                # The peers' pieces never arrive here. Left as fresh device memory (zeros), the rank's attention
-                # and GEMMs ran ~10% fast (benchmarks/results/session24/: most likely less power on zeros under
-                # the GPU's power cap). So the buffer starts out holding activation-like values, once, before
-                # any CUDA-graph capture (a warm-up run comes first).
-                st["buf"].normal_()
-                st["filled"] = True
-            _own_piece(st["buf"], xt, kind, chunk, chunks, n, me, hc)
+            if in_place:
+                if not written:
+                    _own_piece_in_place(st["buf"], xt, kind, n, me)
+            else:
+                _own_piece(st["buf"], xt, kind, chunk, chunks, n, me, hc)
+        elif in_place:
+            _fallback_in_place(st["buf"], xt, kind, n, me, pg)
         else:
             _fallback(st["buf"], xt, kind, chunk, chunks, n, me, hc, pg, (group_name, slot))
-        return x.new_empty(0)
+        return _token(x, kind)
     e = x.element_size()
     width = hc * d * e                                  # one token's piece, bytes
     streams, side = _streams(x.device, n)
@@ -386,13 +480,19 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
         sj = streams[j]
         sj.wait_event(ev_in)
         for bi in range(b):
-            if kind == "o":   # my tokens [j*S', (j+1)*S') of chunk c -> rank j's (B, S', H, D) at heads me*h + c*hc
+            if in_place:
+                if j == me and written:
+                    continue
+                src, spitch, dst, dpitch, width, rows = _in_place_piece(xt, kind, n, me, j, bi, st["ptrs"][j], e)
+            elif kind == "o":   # my tokens [j*S', (j+1)*S') of chunk c -> rank j's (B, S', H, D) at heads me*h + c*hc
                 src = xt.data_ptr() + ((bi * xt.shape[1] + j * rows) * hc * d) * e
             elif kind == "op":  # block i of this part (rank j's tokens) -> rank j's (B, S', H, D) at heads me*h
                 src = xt.data_ptr() + ((bi * xt.shape[1] + i * rows) * hc * d) * e
             else:             # heads j*h + c*hc .. of my S tokens -> rank j's (B, L, h, D) at block me (qr: rotated)
                 src = xt.data_ptr() + ((bi * rows * n * h) * d + (j * h + chunk * hc) * d) * e
-            if kind in ("o", "op"):
+            if in_place:
+                pass
+            elif kind in ("o", "op"):
                 spitch = width
                 hoff = me * h + (chunk * hc if kind == "o" else 0)
                 dst = st["ptrs"][j] + ((bi * rows * n * h) * d + hoff * d) * e
@@ -429,17 +529,24 @@ def a2a_start(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, 
         else:
             _PENDING[(group_name, kind, slot, chunk)] = (events, xt, [base + p * 4 for p in range(n) if p != me]
                                                          if last else [])
-        return x.new_empty(0)
+        return _token(x, kind)
     if not last:
         _PENDING[(group_name, kind, slot, chunk)] = ([], xt, [])
-        return x.new_empty(0)
+        return _token(x, kind)
     if kind == "op":        # the earlier parts' copies too
         for sj in streams:
             side.wait_stream(sj)
     with torch.cuda.stream(side):
         st["hdl"].barrier(channel=0, timeout_ms=_timeout_ms())
     _PENDING[(group_name, kind, slot, chunk)] = ([side.record_event()], xt, [])
-    return x.new_empty(0)
+    return _token(x, kind)
+
+
+def _token(x: Tensor, kind: str) -> Tensor:
+    """What a start returns: an empty tensor; for an in-place kind (0, *x.shape), so the wait knows the shape without
+    taking x (x is then a view of the buffer the wait returns a view of, and a custom op's output may not alias its
+    inputs; the start keeps x alive until the wait, as for every kind)."""
+    return x.new_empty((0, *x.shape)) if kind in IN_PLACE else x.new_empty(0)
 
 
 _PARTS: dict = {}     # (group, slot) -> the op parts started so far (fallback: sent together with the last)
@@ -505,7 +612,7 @@ def _own_piece(buf: Tensor, xt: Tensor, kind: str, chunk: int, chunks: int, n: i
 @a2a_start.register_fake
 def _(x: Tensor, group_name: str, kind: str, slot: int, chunk: int = 0, chunks: int = 1,
       after: Tensor | None = None, exposed: bool = False) -> Tensor:
-    return x.new_empty(0)
+    return _token(x, kind)
 
 
 @torch.library.custom_op("xdit::a2a_wait", mutates_args=())
@@ -513,10 +620,10 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
              chunks: int = 1) -> Tensor:
     """The result of the a2a_starts with the same (group, kind, slot), as a view of their receive buffer:
     q/k/v: head chunk `chunk` (B, h/C, L, D); o: every chunk (tokens and xs: one per chunk), (B, H, S, D).
-    xs are the tensors the starts read (kept alive until here)."""
+    xs are the tensors the starts read (kept alive until here); empty for an in-place kind (the token has the shape)."""
     n = dist.distributed_c10d._resolve_process_group(group_name).size()
-    x = xs[0]
-    _, mem_shape = out_shape(kind, x.shape, n, chunks)
+    x = xs[0] if xs else tokens[0]
+    _, mem_shape = out_shape(kind, _sent_shape(tokens, xs), n, chunks)
     addrs = []
     for c in (range(chunks) if kind in ("o", "op") else (chunk,)):
         pending = _PENDING.pop((group_name, kind, slot, c), None)
@@ -534,6 +641,8 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
     if st is None:
         raise RuntimeError(f"xdit.a2a_wait({kind!r}, slot {slot}) without its a2a_start")
     buf = st["buf"]
+    if kind in IN_PLACE:
+        return _received(buf, kind, n, dist.distributed_c10d._resolve_process_group(group_name).rank())
     if kind not in ("o", "op") and chunks > 1:
         hc = mem_shape[2] // chunks
         buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
@@ -544,9 +653,29 @@ def a2a_wait(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str,
 def _(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: int, chunk: int = 0,
       chunks: int = 1) -> Tensor:
     n = dist.distributed_c10d._resolve_process_group(group_name).size() if dist.is_initialized() else 1
-    _, mem_shape = out_shape(kind, xs[0].shape, n, chunks)
-    buf = xs[0].new_empty(mem_shape)
+    _, mem_shape = out_shape(kind, _sent_shape(tokens, xs), n, chunks)
+    buf = tokens[0].new_empty(mem_shape)
+    if kind in IN_PLACE:     # any rank's view has this shape and these strides
+        return _received(buf, kind, n, 0)
     if kind not in ("o", "op") and chunks > 1:
         hc = mem_shape[2] // chunks
         buf = buf[:, :, chunk * hc:(chunk + 1) * hc]
     return buf.transpose(1, 2)
+
+
+def _received(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
+    """An in-place kind's result, a view of its (B, L, H, D) buffer: oi this rank's rows (B, H, S', D), qi / ki this
+    rank's heads (B, h, L, D)."""
+    if kind == "oi":
+        s = buf.shape[1] // n
+        return buf[:, me * s:(me + 1) * s].transpose(1, 2)
+    h = buf.shape[2] // n
+    return buf[:, :, me * h:(me + 1) * h].transpose(1, 2)
+
+
+def _sent_shape(tokens: list[Tensor], xs: list[Tensor]):
+    if xs:
+        return xs[0].shape
+    if tokens and tokens[0].dim() == 5:
+        return tokens[0].shape[1:]
+    raise ValueError("xdit.a2a_wait: xs is empty and the token is not an in-place kind's")

@@ -94,10 +94,12 @@ def _out_like(q_BHSD: torch.Tensor, dv: int) -> torch.Tensor:
 
 
 def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float | None = None,
-              with_lse: bool = False, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              with_lse: bool = False, config: tuple | None = None,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Non-causal attention, no mask: ``(out_BHSD, lse_BHS float32 or None)``, out in q's layout (``_out_like``).
     k/v may have fewer heads (GQA) when q's head count is a multiple of theirs. ``config``: a tiling in CONFIG's
-    form (default CONFIG)."""
+    form (default CONFIG). ``out``: a (B, H, S, Dv) tensor to write instead (any strides, the last one 1, 16-byte
+    aligned: ce_in_place.py writes into a receive buffer)."""
     mods = _modules()
     if mods is None:
         raise RuntimeError("flash_attn.cute is not importable: install flash-attn's cute package and "
@@ -112,7 +114,11 @@ def attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, 
         raise ValueError(f"flash_cute attention: q heads {H} must be a multiple of k/v heads {Hk}, head dims "
                          f"{D}/{Dv} multiples of 8 and <= 256")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHSD, k_BHSD, v_BHSD))
-    out = _out_like(q_BHSD, Dv)
+    if out is None:
+        out = _out_like(q_BHSD, Dv)
+    elif out.shape != (B, H, S, Dv) or out.stride(-1) != 1 or out.dtype != q.dtype:
+        raise ValueError(f"flash_cute attention: out must be {(B, H, S, Dv)} {q.dtype} with a unit last stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device) if with_lse else None
     # The kernel's layout is (B, S, H, D): transposed views, the strides say where the data is.
     tq, tk, tv, to = (from_dlpack(t.transpose(1, 2).detach(), assumed_align=16).mark_layout_dynamic(leading_dim=3)

@@ -115,12 +115,27 @@ def norm_rope(xs: list[Tensor], weights: list[Tensor], eps: float, norm_all: boo
     return _triton(xs, weights, eps, norm_all, freqs, round_first)
 
 
-def _triton(xs, weights, eps, norm_all, freqs, round_first):
-    """The kernel launch (CUDA; also what tests/test_triton_interpret.py runs on CPU under TRITON_INTERPRET=1)."""
+def norm_rope_out(out: Tensor, xs: list[Tensor], weights: list[Tensor], eps: float, norm_all: bool,
+                  ce: Tensor, se: Tensor, co: Tensor, so: Tensor, round_first: bool = False) -> Tensor:
+    """norm_rope written into ``out``, a [B, sum S_i, H, D] view whose rows are packed ([H, D] contiguous per token,
+    tokens one after another) and whose batch stride may be larger (rows of a bigger buffer: ce_in_place.py)."""
+    freqs = (ce, se, co, so)
+    B, S, H, D = out.shape
+    packed = out.stride(3) == 1 and out.stride(2) == D and out.stride(1) == H * D and out.stride(0) % (H * D) == 0
+    if triton is None or not out.is_cuda or not packed or any(x.stride(-1) != 1 for x in xs):
+        return out.copy_(_reference(xs, weights, eps, norm_all, freqs, round_first))
+    return _triton(xs, weights, eps, norm_all, freqs, round_first, out)
+
+
+def _triton(xs, weights, eps, norm_all, freqs, round_first, out=None):
+    """The kernel launch (CUDA; also what tests/test_triton_interpret.py runs on CPU under TRITON_INTERPRET=1).
+    out: where to write (norm_rope_out's packed rows), else a new contiguous tensor."""
     x0 = xs[0]
     B, _, H, D = x0.shape
     S_out = sum(x.shape[1] for x in xs)
-    out = torch.empty((B, S_out, H, D), device=x0.device, dtype=x0.dtype)
+    if out is None:
+        out = torch.empty((B, S_out, H, D), device=x0.device, dtype=x0.dtype)
+    s_stride = out.stride(0) // (H * D)     # tokens between two batch rows of out (S_out when it is contiguous)
     fv = [_freq_view(f, B, S_out, D // 2) for f in freqs]
     sfb, sfs, sfp = fv[0].stride()
     if any(f.stride() != fv[0].stride() for f in fv):
@@ -133,7 +148,7 @@ def _triton(xs, weights, eps, norm_all, freqs, round_first):
         S = x.shape[1]
         if S:
             fp = [f[:, off:off + S] for f in fv]
-            _norm_rope_kernel[(B * S,)](x, w, *fp, out, S, H, S_out, off,
+            _norm_rope_kernel[(B * S,)](x, w, *fp, out, S, H, s_stride, off,
                                         x.stride(0), x.stride(1), x.stride(2), sfb, sfs, sfp, eps,
                                         HB=HB, P=D // 2, NORM_ALL=norm_all, ROUND_FIRST=round_first,
                                         num_warps=nw)
