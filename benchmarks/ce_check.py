@@ -3,7 +3,8 @@ a block-shaped loop.
 
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
-Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N),
+Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N), and the in-place
+kinds qi, ki, oi (compile.ce_in_place: flag, barrier, barrier with one SM peer),
 XDIT_CE_SIGNAL = flag, barrier and spin (and barrier with XDIT_CE_LOCAL=triton: the own piece by
 runtime/local_copy.py's kernel; barrier with XDIT_CE_SM_PEERS=1 and flag with every peer's piece stored by SMs,
 on starts marked exposed), eagerly and
@@ -71,8 +72,23 @@ def main():
 
     ex = {}   # a2a_start's keyword arguments: {"exposed": True} for the XDIT_CE_SM_PEERS cases
 
+    def into(t, kind, slot):
+        """a producer writing into the in-place receive buffer (compile.ce_in_place): t where its own piece sits"""
+        if kind == "oi":
+            return ce_a2a.in_place_out(gname, kind, slot, t.shape, t.dtype, t.device).copy_(t)
+        dst = ce_a2a.in_place_out(gname, kind, slot, t.transpose(1, 2).shape, t.dtype, t.device)
+        return dst.copy_(t.transpose(1, 2)).transpose(1, 2)
+
     def block(q, k, v, slot, chunks, parts=1):
-        """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q)."""
+        """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q; in place:
+        q, k and the output written into their receive buffers, compile.ce_in_place)."""
+        if in_place:
+            q, k = into(q, "qi", slot), into(k, "ki", slot)
+            toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "v"), (k, "ki"), (q, "qi"))]
+            vv, kk, qq = (ops.a2a_wait([tk], [t] if kd == "v" else [], gname, kd, slot)
+                          for tk, t, kd in zip(toks, (v, k, q), ("v", "ki", "qi")))
+            o = into(attend(qq, kk, vv), "oi", slot)
+            return ops.a2a_wait([ops.a2a_start(o, gname, "oi", slot, **ex)], [], gname, "oi", slot).clone()
         if parts > 1:
             toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "v"), (k, "k"), (q, "qr"))]
             vv, kk, qq = (ops.a2a_wait([tk], [t], gname, kd, slot)
@@ -108,13 +124,18 @@ def main():
             res.append(out)
         return res
 
-    for mode, local, sm in (("flag", "driver", 0), ("barrier", "driver", 0), ("spin", "driver", 0),
-                            ("barrier", "triton", 0), ("barrier", "driver", 1), ("flag", "driver", n - 1)):
+    in_place = False
+    for mode, local, sm, in_place in (("flag", "driver", 0, False), ("barrier", "driver", 0, False),
+                                      ("spin", "driver", 0, False), ("barrier", "triton", 0, False),
+                                      ("barrier", "driver", 1, False), ("flag", "driver", n - 1, False),
+                                      ("barrier", "driver", 0, True), ("flag", "driver", 0, True),
+                                      ("barrier", "driver", 1, True)):
         os.environ["XDIT_CE_SIGNAL"], os.environ["XDIT_CE_LOCAL"] = mode, local
         os.environ["XDIT_CE_SM_PEERS"] = str(sm)
         ex.clear()
         ex.update({"exposed": True} if sm else {})
-        for chunks, parts in ((1, 1), (2, 1)) + tuple((1, p) for p in (2, n) if p > 1 and n % p == 0):
+        for chunks, parts in ((1, 1),) + ((() if in_place else ((2, 1),)) +
+                                          tuple((1, p) for p in (2, n) if p > 1 and n % p == 0 and not in_place)):
             gen = torch.Generator(device=dev).manual_seed(rank)
             mk = lambda: (torch.randn(B, H, S, D, device=dev, generator=gen).to(bf),  # noqa: E731
                           torch.randn(3, B, H, S, D, device=dev, generator=gen).to(bf))
@@ -141,11 +162,12 @@ def main():
                 err_graph = max(err_graph, max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref)))
             torch.cuda.synchronize()
             ok = err_eager == 0 and err_graph == 0
-            report(check="exact", signal=mode, local=local, sm_peers=sm, chunks=chunks, parts=parts,
+            report(check="exact", signal=mode, local=local, sm_peers=sm, in_place=in_place, chunks=chunks, parts=parts,
                    err_eager=err_eager, err_graph=err_graph, ok=ok)
             del g
     os.environ["XDIT_CE_SM_PEERS"] = "0"
     ex.clear()
+    in_place = False
     if args.exact_only:
         return _finish(rows, args.out, rank)
     # ---- timing: FLUX single block at 1024² (4608 tokens, 24 x 128 heads) on n ranks
