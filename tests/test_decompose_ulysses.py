@@ -451,9 +451,11 @@ CASES = {
     "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
     # copy_engine: on CPU the a2a_start / a2a_wait pair falls back to gloo, same layouts; the schedule is real
     # (fuse_linears off: the schedule test checks that k's transfer runs while q is projected)
+    # (ce_in_place off: the plain kinds, every own piece copied by the start)
     "flux_ce": {"model": "flux", "size": {"text_len": 8},
-                "compile": {"all_to_all": "copy_engine", "fuse_gelu": False, "fuse_linears": False}},
-    "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
+                "compile": {"all_to_all": "copy_engine", "fuse_gelu": False, "fuse_linears": False,
+                            "ce_in_place": False}},
+    "wan_ce": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine", "ce_in_place": False}},
     # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
@@ -464,10 +466,11 @@ CASES = {
     # fuse_linears: q/k/v (and the text stream's) as one GEMM each, before schedule_transfers
     "flux_ce_fl": {"model": "flux", "size": {"text_len": 8},
                    "compile": {"all_to_all": "copy_engine", "fuse_linears": True}},
-    # ce_in_place: q / k by xdit::norm_rope_into and the output by xdit::attention_into, into the receive buffers
+    # ce_in_place (the default): q / k by xdit::norm_rope_into and the output by xdit::attention_into, into the
+    # receive buffers
     "flux_ce_ip": {"model": "flux", "size": {"text_len": 8},
-                   "compile": {"all_to_all": "copy_engine", "ce_in_place": True}},
-    "wan_ce_ip": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine", "ce_in_place": True}},
+                   "compile": {"all_to_all": "copy_engine", "fuse_gelu": False, "fuse_linears": False}},
+    "wan_ce_ip": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
 }
 
 
@@ -528,7 +531,7 @@ def _run_case(case: dict) -> dict:
                 order.append(("S:" if start else "W:") + n.args[2 if start else 3])
             elif "linear" in t:
                 order.append("lin")
-            elif "scaled_dot_product_attention" in t:
+            elif "scaled_dot_product_attention" in t or "attention_into" in t:
                 order.append("sdpa")
     code_order = []   # the same, in the order of Inductor's generated code (what runs)
     for code in codes:
@@ -538,7 +541,7 @@ def _run_case(case: dict) -> dict:
                 code_order.append(("S:" if m.group(1) == "start" else "W:") + m.group(2))
             elif re.search(r"extern_kernels\.(addmm|mm)\(", line):
                 code_order.append("lin")
-            elif re.search(r"= torch\.ops\.aten\._scaled_dot_product_\w+\.default\(", line):
+            elif re.search(r"= torch\.ops\.(aten\._scaled_dot_product_\w+|xdit\.attention_into)\.default\(", line):
                 code_order.append("sdpa")
     return {
         "order": order,
@@ -737,8 +740,8 @@ def test_fuse_linears_with_copy_engine():
         att = [i for i, x in enumerate(order) if x == "sdpa"]
         for a, lo in zip(att, (0, att[0] + 1)):
             part = order[lo:a]
-            starts = [i for i, x in enumerate(part) if x in ("S:q", "S:k", "S:v")]
-            waits = [i for i, x in enumerate(part) if x in ("W:q", "W:k", "W:v")]
+            starts = [i for i, x in enumerate(part) if x[:3] in ("S:q", "S:k", "S:v")]   # qi, ki: in place
+            waits = [i for i, x in enumerate(part) if x[:3] in ("W:q", "W:k", "W:v")]
             assert len(starts) == 3 and max(starts) < min(waits), part
 
 

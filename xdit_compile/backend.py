@@ -41,7 +41,7 @@ class CompileContext:
     decompose_collectives: bool = False   # plan.compile.decompose_collectives (used with lowering inductor)
     ulysses_chunks: int = 1            # plan.compile.ulysses_chunks (decompose_ulysses)
     query_parts: int = 1               # plan.compile.query_parts (decompose_ulysses, copy_engine)
-    ce_in_place: bool = False          # plan.compile.ce_in_place (decompose_ulysses, copy_engine)
+    ce_in_place: bool = True           # plan.compile.ce_in_place (decompose_ulysses, copy_engine)
     all_to_all: str = "nccl"           # plan.compile.all_to_all as run (decompose_ulysses; all_to_all_mode)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     fuse_modulation: bool = False      # plan.compile.fuse_modulation

@@ -188,13 +188,14 @@ class CompileConfig:
     single blocks' output transfer already runs beside the mlp half of proj_out). Exact. Applied to every
     attention it was not faster (4 x H200, FLUX 1024² ulysses 4: 39.8 against 39.6 ms/step); the double blocks
     only are not measured yet."""
-    ce_in_place: bool = False
-    """With all_to_all = "copy_engine" (chosen or by "auto"): the producers of q and k (xdit::norm_rope) and of the
-    attention output (the fa3_cute kernel) write straight into the copy-engine receive buffers, at the place their
-    own piece belongs, so no transfer copies its own piece inside the GPU (runtime/ce_in_place.py). Those buffers
-    hold every token and head (N times larger). Exact (against one process on CPU; on GPUs
-    benchmarks/ce_check.py). Not applied with ulysses_chunks or to attention in query_parts. Off by default until
-    it is timed on several GPUs."""
+    ce_in_place: bool = True
+    """Where the copy-engine all-to-all runs (all_to_all = "copy_engine", chosen or by "auto"; elsewhere it does
+    nothing): the producers of q and k (xdit::norm_rope) and of the attention output (the fa3_cute kernel) write
+    straight into the receive buffers, at the place their own piece belongs, so no transfer copies its own piece
+    inside the GPU (runtime/ce_in_place.py). Those buffers hold every token and head (N times larger). Exact (on 2 x
+    H200 benchmarks/ce_check.py; against one process on CPU). FLUX 2048² ulysses 2 on 2 x H200: 347.5 -> 343.7 and
+    347.3 -> 343.4 ms/step; a ulysses-4 rank's kernels 162.9 -> 161.0 ms (benchmarks/results/session26/). Not
+    applied with ulysses_chunks or to attention in query_parts."""
     all_to_all: str = "auto"
     """Decomposed Ulysses only: how its all-to-alls move data (USP's all-to-alls, around the ring op, are functional
     collectives under nccl and copy_engine; symm_mem and allgather_kv keep the USP op). auto (default): copy_engine with lowering = "inductor" on
@@ -279,9 +280,6 @@ class CompileConfig:
         _check_choice(f"{self.SECTION}.all_to_all", self.all_to_all, self.ALL_TO_ALLS)
         _check_int(f"{self.SECTION}.query_parts", self.query_parts)
         _check_bool(f"{self.SECTION}.ce_in_place", self.ce_in_place)
-        if self.ce_in_place and self.all_to_all not in ("auto", "copy_engine"):
-            raise ValueError(f"{self.SECTION}.ce_in_place = true needs {self.SECTION}.all_to_all = \"copy_engine\" "
-                             f"(or \"auto\"), got {self.all_to_all!r}; set all_to_all or drop ce_in_place")
         if self.query_parts > 1 and (self.all_to_all != "copy_engine" or self.ulysses_chunks > 1):
             raise ValueError(f"{self.SECTION}.query_parts = {self.query_parts} needs {self.SECTION}.all_to_all = "
                              f"\"copy_engine\" and {self.SECTION}.ulysses_chunks = 1, got all_to_all = "
