@@ -4,7 +4,7 @@ a block-shaped loop.
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
 Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N), and the in-place
-kinds qi, ki, oi (compile.ce_in_place: flag, barrier, barrier with one SM peer),
+kinds qi, ki, vi, oi (compile.ce_in_place: flag, barrier, barrier with one SM peer),
 XDIT_CE_SIGNAL = flag, barrier and spin (and barrier with XDIT_CE_LOCAL=triton: the own piece by
 runtime/local_copy.py's kernel; barrier with XDIT_CE_SM_PEERS=1 and flag with every peer's piece stored by SMs,
 on starts marked exposed), eagerly and
@@ -83,10 +83,9 @@ def main():
         """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q; in place:
         q, k and the output written into their receive buffers, compile.ce_in_place)."""
         if in_place:
-            q, k = into(q, "qi", slot), into(k, "ki", slot)
-            toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "v"), (k, "ki"), (q, "qi"))]
-            vv, kk, qq = (ops.a2a_wait([tk], [t] if kd == "v" else [], gname, kd, slot)
-                          for tk, t, kd in zip(toks, (v, k, q), ("v", "ki", "qi")))
+            q, k, v = into(q, "qi", slot), into(k, "ki", slot), into(v, "vi", slot)
+            toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "vi"), (k, "ki"), (q, "qi"))]
+            vv, kk, qq = (ops.a2a_wait([tk], [], gname, kd, slot) for tk, kd in zip(toks, ("vi", "ki", "qi")))
             o = into(attend(qq, kk, vv), "oi", slot)
             return ops.a2a_wait([ops.a2a_start(o, gname, "oi", slot, **ex)], [], gname, "oi", slot).clone()
         if parts > 1:

@@ -7,6 +7,7 @@ Under torch's fake process group (one process standing for rank 0 of --world ran
 --fake-world), at a FLUX 2048² ulysses rank's shapes (bf16, 24 x 128 heads, 16896 tokens):
 - xdit::norm_rope_into (the Triton kernel writing this rank's rows of the (B, L, H, D) buffer) against
   xdit::norm_rope: bitwise;
+- xdit::linears_into (FLUX's text and image v projections into those rows) against F.linear and cat;
 - xdit::attention_into (flash_attn.cute's kernel writing through the strided view of this rank's heads) against
   flash_cute.attention into a fresh tensor (bitwise) and SDPA (relative error);
 - the wait's views hold those values where the transfer's own piece belongs;
@@ -56,6 +57,15 @@ def main():
     recv = ops.a2a_wait([tok], [], g, "qi", 0)             # (B, h, L, D): this rank's heads, every rank's rows
     lines.append(f"| the wait's own piece is it (no copy) | {torch.equal(recv[:, :, :S], ref[:, :, :h].transpose(1, 2))} |")
 
+    # v: the text and image projections (bias) one after another, into the vi buffer's rows
+    xt_, xi_ = rnd(1, T // n, 3072), rnd(1, S - T // n, 3072)
+    wv, bv, wa, ba = rnd(H * D, 3072) * 0.02, rnd(H * D), rnd(H * D, 3072) * 0.02, rnd(H * D)
+    vref = torch.cat([F.linear(xt_, wa, ba), F.linear(xi_, wv, bv)], 1).unflatten(-1, (H, D))
+    vgot = ops.linears_into([xt_, xi_], [wa, wv], [ba, bv], H, g, "vi", 0)
+    lines.append(f"| linears_into == cat of F.linear (bitwise) | {torch.equal(vgot, vref)} |")
+    if not torch.equal(vgot, vref):
+        lines.append(f"| ... relative error | {((vgot.float() - vref.float()).norm() / vref.float().norm()).item():.2e} |")
+
     # attention of this rank's heads over all tokens, output into the oi buffer's heads
     q, k, v = (rnd(1, L, h, D).transpose(1, 2) for _ in range(3))      # (B, h, L, D), token-major
     fresh = flash_cute.attention(q, k, v)[0]
@@ -86,6 +96,9 @@ def main():
         "norm_rope_into": graphed(lambda: ops.norm_rope_into([txt, img], [wt, wi], 1e-6, False, *freqs, False,
                                                              g, "qi", 0)),
         "q own-piece copy (plain start, fake group)": graphed(lambda: ops.a2a_start(x_nr, g, "q", 1)),
+        "v: two F.linear + cat": graphed(lambda: torch.cat([F.linear(xt_, wa, ba), F.linear(xi_, wv, bv)], 1)),
+        "linears_into": graphed(lambda: ops.linears_into([xt_, xi_], [wa, wv], [ba, bv], H, g, "vi", 0)),
+        "v own-piece copy (plain start, fake group)": graphed(lambda: ops.a2a_start(vref.transpose(1, 2), g, "v", 1)),
         "attention (flash_cute)": graphed(lambda: flash_cute.attention(q, k, v)),
         "attention_into": graphed(lambda: ops.attention_into(q, k, v, None, g, 1)),
         "o own-piece copy (plain start, fake group)": graphed(lambda: ops.a2a_start(fresh, g, "o", 1)),

@@ -303,7 +303,7 @@ def _ce_op(rank: int, world_size: int) -> dict:
         return wait([start(src, grp, kind, slot)], [], grp, kind, slot)   # the token has the shape
     heads_full = full[:, rank * h:(rank + 1) * h]
     for written in (True, False):
-        for kind in ("qi", "ki"):
+        for kind in ("qi", "ki", "vi"):
             y = in_place(g, kind, 1, x, written)
             out[f"{kind}_{written}"] = torch.equal(y, heads_full) and y.stride(2) == heads * d
         z = in_place(g, "oi", 1, heads_full * 2, written)
@@ -365,7 +365,7 @@ def test_copy_engine_op_on_cpu(world_size):
         assert r["own_piece"], f"rank {rank}: under a fake group the own piece is not where the transfer puts it"
         assert r["fake_filled"], f"rank {rank}: under a fake group the peers' pieces are not random values"
         assert r["parts2"] and r.get("parts4", world_size == 2), f"rank {rank}: {r}"
-        assert all(r[f"{kind}_{written}"] for kind in ("qi", "ki", "oi") for written in (True, False)), \
+        assert all(r[f"{kind}_{written}"] for kind in ("qi", "ki", "vi", "oi") for written in (True, False)), \
             f"rank {rank}: in-place kinds {r}"
         assert "query part 0 of 3: the parts must divide the group size" in r["parts"], r["parts"]
         assert "kind 'p'" in r["kind"] and "heads (3) not divisible" in r["heads"] and "(B, H, S, D)" in r["dims"], r
@@ -536,7 +536,7 @@ def _run_case(case: dict) -> dict:
     code_order = []   # the same, in the order of Inductor's generated code (what runs)
     for code in codes:
         for line in code.splitlines():
-            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*?'(qr|op|[qko]i|[qkvo])', \d+", line)
+            m = re.search(r"xdit\.a2a_(start|wait)\.default\(.*?'(qr|op|[qkvo]i|[qkvo])', \d+", line)
             if m:
                 code_order.append(("S:" if m.group(1) == "start" else "W:") + m.group(2))
             elif re.search(r"extern_kernels\.(addmm|mm)\(", line):
@@ -713,17 +713,20 @@ def test_copy_engine_exposed_starts(key, want):
         assert r["code_exposed"] == len(want), f"rank {rank}: {r['code_exposed']}"
 
 
-@pytest.mark.parametrize("key", ["flux_ce_ip", "wan_ce_ip"])
-def test_copy_engine_in_place(key):
+@pytest.mark.parametrize("key,v", [("flux_ce_ip", "vi"), ("wan_ce_ip", "v")])
+def test_copy_engine_in_place(key, v):
     """compile.ce_in_place: every attention's q and k transfers are in-place kinds (xdit::norm_rope_into wrote them into
-    the receive buffer), and so is the output (xdit::attention_into; on CPU the same math); v stays plain. The output
-    matches one process (test_copy_engine_matches) and the starts still come before the first wait, q's and the
-    output's marked exposed where the plain plan marks them."""
+    the receive buffer), and so is the output (xdit::attention_into; on CPU the same math); v too where fuse_linears
+    leaves its projections alone (flux_ce_ip: fuse_linears off, so xdit::linears_into writes the text and image
+    projections; tiny Wan: its few rows join q/k/v in one GEMM, v stays plain). The output matches one process
+    (test_copy_engine_matches) and the starts still come before the first wait, q's and the output's marked exposed
+    where the plain plan marks them."""
     for rank, r in enumerate(_results(key)):
         n_att = r["n_decomposed"]
         starts = [x for x in r["order"] if x.startswith("S:")]
-        assert sorted(starts) == sorted(["S:v", "S:ki", "S:qi", "S:oi"] * n_att), f"rank {rank}: {r['order']}"
-        assert r["explain"].count("written in place: q k o") == n_att, r["explain"]
+        assert sorted(starts) == sorted([f"S:{v}", "S:ki", "S:qi", "S:oi"] * n_att), f"rank {rank}: {r['order']}"
+        written = "q k v o" if v == "vi" else "q k o"
+        assert r["explain"].count(f"written in place: {written}") == n_att, r["explain"]
         assert [x for x in r["code_order"] if x.startswith("S:")] == starts, f"rank {rank}: {r['code_order']}"
         plain = _results(key.removesuffix("_ip"))[rank]["exposed"]
         assert [(k[0], e) for k, _, e in r["exposed"]] == [(k[0], e) for k, _, e in plain], (r["exposed"], plain)

@@ -27,7 +27,7 @@ def _register_wait_lowering():
     from ..runtime import ce_in_place  # noqa: F401  (registers the ops)
 
     for op in (torch.ops.xdit.a2a_wait.default, torch.ops.xdit.norm_rope_into.default,
-               torch.ops.xdit.attention_into.default):
+               torch.ops.xdit.linears_into.default, torch.ops.xdit.attention_into.default):
         _never_reuse_lowering(op)
 
 

@@ -102,6 +102,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from .shard_modulation import _arg
 from ..runtime import ce_a2a, ce_in_place  # noqa: F401  (ce_in_place registers xdit::norm_rope_into, attention_into)
 from ..runtime import norm_rope as _norm_rope  # noqa: F401  (registers xdit::norm_rope)
 
@@ -114,6 +115,7 @@ RING_OP = torch.ops.xdit.ring_attention.default
 NORM_ROPE = torch.ops.xdit.norm_rope.default
 NORM_ROPE_INTO = torch.ops.xdit.norm_rope_into.default
 ATTENTION_INTO = torch.ops.xdit.attention_into.default
+LINEARS_INTO = torch.ops.xdit.linears_into.default
 DECOMPOSED = "decomposed: _c10d_functional all-to-all + sdpa"
 CE = "decomposed: copy-engine all-to-all (xdit.a2a_start / a2a_wait) + sdpa"
 ALLGATHER_KV = "decomposed: all-gather of k, v (_c10d_functional) + sdpa of the local queries on all heads"
@@ -164,7 +166,7 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
                 allowed = _in_place_kinds(ctx, qv) if chunks == 1 and parts == 1 else ()
                 out, in_place = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts,
-                                                  exposed=not partner, in_place=allowed)
+                                                  exposed=not partner, in_place=allowed, ctx=ctx)
                 if hasattr(ctx, "ce_buffers"):
                     ctx.ce_buffers += ce_a2a.buffer_specs(group, len(sizes), (*qv.shape[:2], sizes[0], qv.shape[3]),
                                                           qv.dtype, qv.device, slot % 2, chunks, parts, in_place)
@@ -299,12 +301,13 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
 
 def _in_place_kinds(ctx, qv) -> tuple:
     """compile.ce_in_place: the transfers whose producer may write into the receive buffer (runtime/ce_in_place.py):
-    q and k (when xdit::norm_rope makes them), the output when the attention kernel writes through strides
+    q and k (when xdit::norm_rope makes them), v (when linears make it that fuse_linears leaves alone), the output when the attention kernel writes through strides
     (attention backend fa3_cute; off CUDA the same math, so tests run it)."""
     if not getattr(ctx, "ce_in_place", False):
         return ()
     cuda = getattr(getattr(qv, "device", None), "type", "cpu") == "cuda"
-    return ("qi", "ki") + (("oi",) if getattr(ctx, "attention_backend", "auto") == "fa3_cute" or not cuda else ())
+    return ("qi", "ki", "vi") + (("oi",) if getattr(ctx, "attention_backend", "auto") == "fa3_cute" or not cuda
+                                 else ())
 
 
 _PERMUTE = {"permute", torch.permute, aten.permute.default}
@@ -333,8 +336,56 @@ def _norm_rope_into(g: fx.Graph, x: fx.Node, kind: str, group, slot: int) -> boo
     return True
 
 
+_RESHAPE = {"reshape", "view", "unflatten", torch.reshape, aten.view.default, aten.reshape.default,
+            aten.unflatten.int}
+
+
+def _linears_into(g: fx.Graph, x: fx.Node, kind: str, group, slot: int, ctx) -> bool:
+    """x = (B, H, S, D) view of [B, S, H, D] made by linears only (reshape(linear(a)), or FLUX's cat of the text and
+    image projections along S) that nothing else reads: one xdit::linears_into writes them into the in-place receive
+    buffer of `kind` instead. Not where fuse_linears would join the linear with its siblings (at most MAX_ROWS rows
+    per rank: a joined GEMM is worth more there). Whether it did."""
+    from .fuse_linears import _LINEAR, MAX_ROWS, _local_rows
+    if not isinstance(x, fx.Node) or not x.args or not isinstance(x.args[0], fx.Node):
+        return False
+    y, dims = x.args[0], tuple(a for a in x.args[1:] if isinstance(a, int))
+    if not ((x.target in _PERMUTE and dims == (0, 2, 1, 3)) or (x.target in _TRANSPOSE and set(dims) == {1, 2})):
+        return False
+    if y.target in _CAT:
+        dim = y.args[1] if len(y.args) > 1 else y.kwargs.get("dim", 0)
+        parts = list(y.args[0]) if dim in (1, -3) else []
+    else:
+        parts = [y]
+    if not parts or len(y.users) != 1:
+        return False
+    lins = []
+    for p in parts:
+        if not isinstance(p, fx.Node) or p.target not in _RESHAPE or len(p.users) != 1 or not p.args:
+            return False
+        lin = p.args[0]
+        if not isinstance(lin, fx.Node) or lin.op != "call_function" or lin.target not in _LINEAR or len(lin.users) != 1:
+            return False
+        pv, lv = p.meta.get("example_value"), lin.meta.get("example_value")
+        if not (isinstance(pv, torch.Tensor) and isinstance(lv, torch.Tensor) and pv.dim() == 4 and lv.dim() == 3
+                and tuple(pv.shape[:2]) == tuple(lv.shape[:2]) and pv.shape[2] * pv.shape[3] == lv.shape[2]):
+            return False
+        if getattr(ctx, "fuse_linears", False) and _local_rows(lin.args[0], ctx) <= MAX_ROWS:
+            return False
+        lins.append(lin)
+    heads = y.meta["example_value"].shape[2]
+    args = [(_arg(n, 0, "input"), _arg(n, 1, "weight"), _arg(n, 2, "bias")) for n in lins]
+    with g.inserting_before(y):
+        new = g.call_function(LINEARS_INTO, ([a[0] for a in args], [a[1] for a in args], [a[2] for a in args], heads,
+                                             group, kind, slot))
+    new.meta = dict(y.meta)
+    y.replace_all_uses_with(new)
+    for n in dict.fromkeys([y, *parts, *lins]):     # what made y, now unused
+        g.erase_node(n)
+    return True
+
+
 def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int = 1, parts: int = 1,
-                      exposed: bool = False, in_place=()) -> tuple[fx.Node, tuple]:
+                      exposed: bool = False, in_place=(), ctx=None) -> tuple[fx.Node, tuple]:
     """q, k, v transfers per head chunk, SDPA per chunk, each chunk's output sent back as soon as it is computed;
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
     query part of the rotated q instead, each part's output sent back at once. exposed: an output without a
@@ -344,7 +395,9 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
     if in_place:
         used = tuple(kind for kind, x in (("qi", q), ("ki", k)) if kind in in_place
-                     and _norm_rope_into(g, x, kind, group, slot)) + (("oi",) if "oi" in in_place else ())
+                     and _norm_rope_into(g, x, kind, group, slot))
+        used += ("vi",) if "vi" in in_place and _linears_into(g, v, "vi", group, slot, ctx) else ()
+        used += ("oi",) if "oi" in in_place else ()
         kinds = {base: base + "i" if base + "i" in used else base for base in "qkvo"}
         tokens = {kind: g.call_function(start, (x, group, kinds[kind], slot, 0, 1),
                                         {"exposed": True} if exposed and kind == "q" else {})

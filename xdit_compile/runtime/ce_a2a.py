@@ -101,8 +101,8 @@ from .symm_a2a import _in_side_thread, _timeout_ms
 
 __all__ = ["available", "a2a_start", "a2a_wait", "buffer_specs", "out_shape", "reserve"]
 
-KINDS = ("q", "k", "v", "o", "qr", "op", "qi", "ki", "oi")
-IN_PLACE = ("qi", "ki", "oi")
+KINDS = ("q", "k", "v", "o", "qr", "op", "qi", "ki", "vi", "oi")
+IN_PLACE = ("qi", "ki", "vi", "oi")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
 _PENDING: dict = {}   # (group, kind, slot, chunk) -> (events, what the copies read, flag addresses to wait on)
 _FLAGS: dict = {}     # (group, kind, slot, chunks, device) -> completion flags (XDIT_CE_SIGNAL=flag)
@@ -117,7 +117,7 @@ def out_shape(kind: str, shape, n: int, chunks: int = 1) -> tuple[tuple[int, ...
     b, h, s, d = shape
     if kind == "oi":         # the whole (B, L, H, D): this rank's rows are what it receives
         return (b, h * n, s // n, d), (b, s, h * n, d)
-    if kind in ("qi", "ki"):  # the whole (B, L, H, D): this rank's heads are what it receives
+    if kind in ("qi", "ki", "vi"):  # the whole (B, L, H, D): this rank's heads are what it receives
         return (b, h // n, s * n, d), (b, s * n, h, d)
     if kind == "o":
         return (b, h * chunks * n, s // n, d), (b, s // n, h * chunks * n, d)
@@ -272,7 +272,7 @@ def _state(group_name: str, kind: str, slot: int, mem_shape, dtype: torch.dtype,
 
 
 def _own_view(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
-    """Where this rank's producer writes in an in-place kind's (B, L, H, D) buffer: qi / ki its tokens' rows
+    """Where this rank's producer writes in an in-place kind's (B, L, H, D) buffer: qi / ki / vi its tokens' rows
     (B, S, H, D), whose own heads are its own piece; oi its heads (B, L, h, D), whose own rows are its own piece."""
     if kind == "oi":
         h = buf.shape[2] // n
@@ -283,7 +283,7 @@ def _own_view(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
 
 def in_place_out(group_name: str, kind: str, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """For a producer of an in-place kind: the view of the receive buffer its output goes to, in the shape a2a_start
-    will get it: qi / ki (B, S, H, D) (q / k before the transpose: x.transpose(1, 2) is what the start takes), oi
+    will get it: qi / ki / vi (B, S, H, D) (q / k / v before the transpose: x.transpose(1, 2) is what the start takes), oi
     (B, h, L, D) (the attention output, a transposed view of (B, L, h, D) rows)."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
@@ -361,7 +361,8 @@ def buffer_specs(group_name: str, n: int, q_shape, dtype: torch.dtype, device: t
 
     def kind(base: str) -> str:
         return base + "i" if base + "i" in in_place else base
-    xs = [("v", q_shape, chunks), (kind("k"), q_shape, chunks), ("qr" if parts > 1 else kind("q"), q_shape, chunks)]
+    xs = [(kind("v"), q_shape, chunks), (kind("k"), q_shape, chunks),
+          ("qr" if parts > 1 else kind("q"), q_shape, chunks)]
     if parts > 1:
         xs.append(("op", (b, heads // n, n * s // parts, d), parts))
     else:
@@ -664,7 +665,7 @@ def _(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: 
 
 
 def _received(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
-    """An in-place kind's result, a view of its (B, L, H, D) buffer: oi this rank's rows (B, H, S', D), qi / ki this
+    """An in-place kind's result, a view of its (B, L, H, D) buffer: oi this rank's rows (B, H, S', D), qi / ki / vi this
     rank's heads (B, h, L, D)."""
     if kind == "oi":
         s = buf.shape[1] // n

@@ -9,20 +9,23 @@ attention and the out projection, with nothing to hide it. The in-place kinds ma
 (B, L, H, D) of all tokens and heads, so the producer's output can sit in it at the place its own piece belongs:
 
     q / k:  rows me*S of the buffer, all heads  <- xdit::norm_rope_into (FLUX's and Wan's q and k)
+    v:      rows me*S of the buffer, all heads  <- xdit::linears_into (its projection, or FLUX's text and image
+            projections one after another: their cat; one cuBLAS GEMM per part, out= the buffer's rows)
             this rank receives: every rank's rows, its heads (B, h, L, D), a strided view SDPA reads
     o:      all rows, heads me*h of the buffer  <- xdit::attention_into (the attention kernel's output)
             this rank receives: its rows, every rank's heads (B, S', H, D), what the out projection reads
 
 and the peers' pieces go from where they sit in this rank's buffer to the same place in the peer's. Memory: the
-buffers of those kinds are N times larger (FLUX 2048² ulysses 4: 104 MB instead of 26 MB each, 2 slots x 3).
+buffers of those kinds are N times larger (FLUX 2048² ulysses 4: 104 MB instead of 26 MB each, 2 slots x 4).
 
-v keeps its plain kind: Inductor makes its projection's output (or the text / image cat) and where it lands is not
-the graph's to choose. attention_into runs flash_attn.cute's kernel, which writes through the output's strides;
-decompose_ulysses uses it only where the plan's attention backend is fa3_cute (SDPA would write elsewhere and
-copy: more than the own piece) or off CUDA (the same math, so the CPU tests run the path). Off CUDA, under a
-fake group or with the gloo fallback, both ops compute as usual and copy into the buffer view: the same values.
+v is written in place only where fuse_linears leaves its projection alone (more than fuse_linears.MAX_ROWS rows per
+rank: FLUX 2048², Wan 480p), since at fewer rows one GEMM joined with q's and k's is worth more. attention_into runs
+flash_attn.cute's kernel, which writes through the output's strides; decompose_ulysses uses it only where the
+plan's attention backend is fa3_cute (SDPA would write elsewhere and copy: more than the own piece) or off CUDA
+(the same math, so the CPU tests run the path). Off CUDA, under a fake group or with the gloo fallback, the ops
+compute as usual and copy into the buffer view: the same values.
 
-Both return a view of a persistent buffer, like a2a_wait: the lowering marks their outputs never-reuse.
+All three return a view of a persistent buffer, like a2a_wait: the lowering marks their outputs never-reuse.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from torch import Tensor
 from . import ce_a2a, flash_cute
 from .norm_rope import norm_rope_out
 
-__all__ = ["attention_into", "norm_rope_into"]
+__all__ = ["attention_into", "linears_into", "norm_rope_into"]
 
 
 @torch.library.custom_op("xdit::norm_rope_into", mutates_args=())
@@ -53,6 +56,34 @@ def _(xs, weights, eps, norm_all, ce, se, co, so, round_first, group_name, kind,
     B, _, H, D = xs[0].shape
     S = sum(x.shape[1] for x in xs)
     return xs[0].new_empty((B, _size(group_name) * S, H, D))[:, :S]    # the strides of the buffer's rows
+
+
+@torch.library.custom_op("xdit::linears_into", mutates_args=())
+def linears_into(xs: list[Tensor], weights: list[Tensor], biases: list[Tensor | None], heads: int, group_name: str,
+                 kind: str, slot: int) -> Tensor:
+    """linear(xs[i], weights[i], biases[i]) for each i ([B, S_i, K_i] -> [B, S_i, heads * D]), one after another
+    along S as their torch.cat, as [B, sum S_i, heads, D], written into the receive buffer of the in-place kind (vi)
+    at this rank's rows, each part by one cuBLAS GEMM with its bias (addmm); returns that view."""
+    x0 = xs[0]
+    B, S, hd = x0.shape[0], sum(x.shape[1] for x in xs), weights[0].shape[0]
+    out = ce_a2a.in_place_out(group_name, kind, slot, (B, S, heads, hd // heads), x0.dtype, x0.device)
+    off = 0
+    for x, w, b in zip(xs, weights, biases):
+        s = x.shape[1]
+        for bi in range(B):                     # this batch row's rows of out are packed: a (s, hd) matrix
+            o = out[bi, off:off + s].view(s, hd)
+            if b is None:
+                torch.mm(x[bi], w.t(), out=o)
+            else:
+                torch.addmm(b, x[bi], w.t(), out=o)
+        off += s
+    return out
+
+
+@linears_into.register_fake
+def _(xs, weights, biases, heads, group_name, kind, slot):
+    B, S, hd = xs[0].shape[0], sum(x.shape[1] for x in xs), weights[0].shape[0]
+    return xs[0].new_empty((B, _size(group_name) * S, heads, hd // heads))[:, :S]
 
 
 @torch.library.custom_op("xdit::attention_into", mutates_args=())
