@@ -79,6 +79,8 @@ def available(group_name: str, device: torch.device, need_triton: bool = True) -
             try:
                 import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
                 pg = dist.distributed_c10d._resolve_process_group(group_name)
+                if dist.get_backend(pg) == "fake":   # one process standing for a rank: no peers to map
+                    raise RuntimeError("fake process group")
                 ranks = dist.get_process_group_ranks(pg)
                 me = torch.cuda.current_device()
                 # every peer GPU of this node must be reachable by loads / stores (NVLink or PCIe P2P)
