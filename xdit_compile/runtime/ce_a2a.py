@@ -13,6 +13,13 @@ kind "o"           (scatter the sequence, gather heads): x (B, h, L, D) -> y (B,
 Same values as the all_to_all_single pair of decompose_ulysses; N = group size, this rank's tokens are its
 shard of the sequence (all shards equal).
 
+In-place kinds "qi", "ki", "vi", "oi" (compile.ce_in_place, runtime/ce_in_place.py): the same transfers of q, k, v
+and the output, but the receive buffer is the whole (B, L, H, D) and the producer has written x into it where its
+own piece belongs (q/k/v: this rank's rows; o: this rank's heads), so the start copies only the peers' pieces, each
+to the same place in the peer's buffer (it copies the own piece too when x is elsewhere). The wait returns this
+rank's heads of every row (qi/ki/vi: (B, h, L, D), strided) or its rows of every head (oi: (B, H, S', D)); it takes
+no xs (x aliases its result): the start's token has x's shape. No head chunks.
+
 Query parts (compile.query_parts = P, P divides N): the attention output goes back in P parts, each
 sent as soon as its queries are attended, so the transfer of part p runs beside the attention of part p + 1.
 kind "qr" is "q" with the sequence ROTATED per rank: block b of rank j's result holds the tokens of rank
