@@ -274,6 +274,8 @@ def _decomposed_note(m):
     how = ("symm-mem all-to-all" if "symm_all_to_all" in became else
            "copy-engine all-to-all" if "copy-engine" in became else
            "all-gather k/v" if "all-gather of k, v" in became else "all-to-all as functional collectives")
+    inplace = sum("written in place" in a.get("became", "") for a in att)
+    how += f" ({inplace} written in place)" if inplace else ""
     return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention{mod}"
 
 
