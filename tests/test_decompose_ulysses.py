@@ -470,7 +470,7 @@ CASES = {
     # receive buffers
     "flux_ce_ip": {"model": "flux", "size": {"text_len": 8},
                    "compile": {"all_to_all": "copy_engine", "fuse_gelu": False, "fuse_linears": False}},
-    "wan_ce_ip": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine"}},
+    "wan_ce_ip": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine", "fuse_linears": False}},
 }
 
 
@@ -713,14 +713,14 @@ def test_copy_engine_exposed_starts(key, want):
         assert r["code_exposed"] == len(want), f"rank {rank}: {r['code_exposed']}"
 
 
-@pytest.mark.parametrize("key,v", [("flux_ce_ip", "vi"), ("wan_ce_ip", "v")])
+@pytest.mark.parametrize("key,v", [("flux_ce_ip", "vi"), ("wan_ce_ip", "vi"), ("flux_ce_fl", "v")])
 def test_copy_engine_in_place(key, v):
-    """compile.ce_in_place: every attention's q and k transfers are in-place kinds (xdit::norm_rope_into wrote them into
-    the receive buffer), and so is the output (xdit::attention_into; on CPU the same math); v too where fuse_linears
-    leaves its projections alone (flux_ce_ip: fuse_linears off, so xdit::linears_into writes the text and image
-    projections; tiny Wan: its few rows join q/k/v in one GEMM, v stays plain). The output matches one process
-    (test_copy_engine_matches) and the starts still come before the first wait, q's and the output's marked exposed
-    where the plain plan marks them."""
+    """compile.ce_in_place (the default): every attention's q and k transfers are in-place kinds (xdit::norm_rope_into
+    wrote them into the receive buffer), and so is the output (xdit::attention_into; on CPU the same math); v too
+    where fuse_linears leaves its projections alone (fuse_linears off: xdit::linears_into writes FLUX's text and image
+    projections, Wan's one; flux_ce_fl: tiny Flux's few rows join q/k/v in one GEMM, so v stays plain). The output
+    matches one process (test_copy_engine_matches) and the starts still come before the first wait, q's and the
+    output's marked exposed where the plain plan marks them."""
     for rank, r in enumerate(_results(key)):
         n_att = r["n_decomposed"]
         starts = [x for x in r["order"] if x.startswith("S:")]
@@ -728,7 +728,7 @@ def test_copy_engine_in_place(key, v):
         written = "q k v o" if v == "vi" else "q k o"
         assert r["explain"].count(f"written in place: {written}") == n_att, r["explain"]
         assert [x for x in r["code_order"] if x.startswith("S:")] == starts, f"rank {rank}: {r['code_order']}"
-        plain = _results(key.removesuffix("_ip"))[rank]["exposed"]
+        plain = _results({"flux_ce_fl": "flux_ce"}.get(key, key.removesuffix("_ip")))[rank]["exposed"]
         assert [(k[0], e) for k, _, e in r["exposed"]] == [(k[0], e) for k, _, e in plain], (r["exposed"], plain)
 
 
