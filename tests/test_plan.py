@@ -126,6 +126,7 @@ def test_unknown_key(d, message):
         ({"compile": {"max_autotune": True}}, 'compile.max_autotune = true needs compile.lowering = "inductor"'),
         ({"compile": {"max_autotune": "yes", "lowering": "inductor"}}, "compile.max_autotune must be a bool"),
         ({"compile": {"decompose_collectives": "yes"}}, "compile.decompose_collectives must be a bool"),
+        ({"compile": {"ce_in_place": "yes"}}, "compile.ce_in_place must be a bool"),
         ({"compile": {"query_parts": 0}}, "compile.query_parts must be an int >= 1, got 0"),
         ({"compile": {"query_parts": 2}}, 'compile.query_parts = 2 needs compile.all_to_all = "copy_engine" and '
          "compile.ulysses_chunks = 1, got all_to_all = 'auto'"),
