@@ -103,7 +103,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from .shard_modulation import _arg
-from ..runtime import ce_a2a, ce_in_place  # noqa: F401  (ce_in_place registers xdit::norm_rope_into, attention_into)
+from ..runtime import ce_a2a, ce_in_place  # noqa: F401  (ce_in_place registers xdit::*_into)
 from ..runtime import norm_rope as _norm_rope  # noqa: F401  (registers xdit::norm_rope)
 
 aten = torch.ops.aten
@@ -301,8 +301,9 @@ def _emit(g: fx.Graph, q, k, v, scale, group, num: int, chunks: int = 1, symm: b
 
 def _in_place_kinds(ctx, qv) -> tuple:
     """compile.ce_in_place: the transfers whose producer may write into the receive buffer (runtime/ce_in_place.py):
-    q and k (when xdit::norm_rope makes them), v (when linears make it that fuse_linears leaves alone), the output when the attention kernel writes through strides
-    (attention backend fa3_cute; off CUDA the same math, so tests run it)."""
+    q and k (when xdit::norm_rope makes them), v (when linears that fuse_linears leaves alone make it), the output
+    when the attention kernel writes through strides (attention backend fa3_cute; off CUDA the same math, so the
+    tests run it)."""
     if not getattr(ctx, "ce_in_place", False):
         return ()
     cuda = getattr(getattr(qv, "device", None), "type", "cpu") == "cuda"
@@ -363,7 +364,8 @@ def _linears_into(g: fx.Graph, x: fx.Node, kind: str, group, slot: int, ctx) -> 
         if not isinstance(p, fx.Node) or p.target not in _RESHAPE or len(p.users) != 1 or not p.args:
             return False
         lin = p.args[0]
-        if not isinstance(lin, fx.Node) or lin.op != "call_function" or lin.target not in _LINEAR or len(lin.users) != 1:
+        if not (isinstance(lin, fx.Node) and lin.op == "call_function" and lin.target in _LINEAR
+                and len(lin.users) == 1):
             return False
         pv, lv = p.meta.get("example_value"), lin.meta.get("example_value")
         if not (isinstance(pv, torch.Tensor) and isinstance(lv, torch.Tensor) and pv.dim() == 4 and lv.dim() == 3

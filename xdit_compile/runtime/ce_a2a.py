@@ -290,8 +290,8 @@ def _own_view(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
 
 def in_place_out(group_name: str, kind: str, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """For a producer of an in-place kind: the view of the receive buffer its output goes to, in the shape a2a_start
-    will get it: qi / ki / vi (B, S, H, D) (q / k / v before the transpose: x.transpose(1, 2) is what the start takes), oi
-    (B, h, L, D) (the attention output, a transposed view of (B, L, h, D) rows)."""
+    will get it: qi / ki / vi (B, S, H, D) (q / k / v before the transpose: x.transpose(1, 2) is what the start
+    takes), oi (B, h, L, D) (the attention output, a transposed view of (B, L, h, D) rows)."""
     pg = dist.distributed_c10d._resolve_process_group(group_name)
     n, me = pg.size(), pg.rank()
     if kind not in IN_PLACE:
@@ -672,8 +672,8 @@ def _(tokens: list[Tensor], xs: list[Tensor], group_name: str, kind: str, slot: 
 
 
 def _received(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
-    """An in-place kind's result, a view of its (B, L, H, D) buffer: oi this rank's rows (B, H, S', D), qi / ki / vi this
-    rank's heads (B, h, L, D)."""
+    """An in-place kind's result, a view of its (B, L, H, D) buffer: oi this rank's rows (B, H, S', D), qi / ki / vi
+    this rank's heads (B, h, L, D)."""
     if kind == "oi":
         s = buf.shape[1] // n
         return buf[:, me * s:(me + 1) * s].transpose(1, 2)
