@@ -744,13 +744,15 @@ class Worker:
         class Holder:
             transformer = m
             vae_scale_factor = 8
-        initialize_runtime_state(Holder(), engine_config)
+            vae_scale_factor_spatial, vae_scale_factor_temporal = 8, 4
         s = spec(model, self.tiny)[2]
         if cls_name == "WanTransformer3DModel":
-            get_runtime_state().set_video_input_parameters(
-                height=s["h"] * 8, width=s["w"] * 8, num_frames=(s["f"] - 1) * 4 + 1, batch_size=s["batch"],
-                split_text_embed_in_sp=True)  # (xfuser 0.7.0's video variant has no max_condition_sequence_length)
+            # what xfuser's Wan runner does (runner_models/base_model.py): the runtime state from a pipeline whose
+            # class name starts with "Wan" (its video branch, which reads the tuple patch size), and no input
+            # parameters: the wrapper splits the sequence itself
+            initialize_runtime_state(type("WanPipeline", (Holder,), {})(), engine_config)
         else:
+            initialize_runtime_state(Holder(), engine_config)
             hw = (s["h"] * 16, s["w"] * 16) if cls_name == "FluxTransformer2DModel" else (s["h"] * 8, s["w"] * 8)
             get_runtime_state().set_input_parameters(
                 height=hw[0], width=hw[1], batch_size=s["batch"], max_condition_sequence_length=s["txt"],

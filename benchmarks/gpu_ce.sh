@@ -11,7 +11,7 @@
 #   CHECK_ARGS=--exact-only CALLS=3 bash benchmarks/gpu_ce.sh 4 flux2048 xdit_cg_ce_fm,xdit_cg_ce_fms
 set -u
 N=${1:-2}; MODEL=${2:-flux1024}; METHODS=${3:-xdit_cg,xdit_cg_ceb,xdit_cg_ce}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 [ -d .fa ] && source benchmarks/fa_cute_env.sh   # flash_attn.cute where the call carries .fa/ (attention "auto")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1

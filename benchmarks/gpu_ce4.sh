@@ -6,7 +6,7 @@
 #   (results: $OUT/bench_<variant>.md, rows_<variant>.jsonl, rows_n1.jsonl, logs.tgz)
 set -u
 MODEL=${1:-flux1024}; METHODS=${2:-xdit_cg_ce,xdit_cg_ceb}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ce_out}; mkdir -p $OUT

@@ -11,7 +11,7 @@
 # chrome trace, gaps), profileops (Inductor without CUDA graphs: CPU ops by launched GPU time). Each part runs under a timeout (its own limit or what is left of LIMIT=570 s) and
 # the call ends with whatever finished. Results and logs go to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/final_out}; mkdir -p $OUT

@@ -10,7 +10,7 @@
 # Needs the wheels in .whl/ (diffusers, importlib_metadata, xfuser, yunchang, distvae; see README.md).
 set -u
 PHASE=${1:?phase 1 or 2}
-[ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+[ -n "${TINY:-}" ] || source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/xb_out}; R=/tmp/xb; mkdir -p $R/n4/ref $OUT

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_overhead.sh N [MODEL]     (results: $OUT/profile_*.md, $OUT/barriers.md, $OUT/gaps.md)
 set -u
 N=${1:-2}; MODEL=${2:-flux2048}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 [ -d .fa ] && source benchmarks/fa_cute_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1

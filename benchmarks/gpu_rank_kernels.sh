@@ -8,7 +8,7 @@
 # peers' pieces (the copy engines' work) are not.
 # (carry .whl and .fa; PROFILE_ARGS adds profile_step.py arguments; results: $OUT/rank_<model>_w<N><TAG>.md)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 [ -d .fa ] && source benchmarks/fa_cute_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1

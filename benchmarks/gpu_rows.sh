@@ -9,7 +9,7 @@
 # CALLS=K: K forwards per timing. AHEAD=MS: the GPU held MS ms before each timing (bench.py --gpu-ahead-ms).
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
-[ -n "${TINY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+[ -n "${TINY:-}" ] || source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site || exit 1
 # flash_attn.cute (attention backend "auto" picks its Hopper kernel) where the call carries .fa/ (fa_cute_env.sh)
 [ -d .fa ] && source benchmarks/fa_cute_env.sh

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_wan.sh [N] [METHODS]   (results: $OUT/wan4l.md, $OUT/wan4l.log, $OUT/bench.md, rows)
 set -u
 N=${1:-4}; METHODS=${2:-xdit_cg_ce}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+source benchmarks/gpu_site.sh \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/wan_out}; mkdir -p $OUT
