@@ -4,7 +4,7 @@ a block-shaped loop.
     torchrun --nproc_per_node=N benchmarks/ce_check.py [--out ce_check.jsonl]
 
 Correctness: for kinds q, k, v, o, with 1 and 2 head chunks, and qr, op (query parts 2 and N), and the in-place
-kinds qi, ki, vi, oi (compile.ce_in_place: flag, barrier, barrier with one SM peer),
+kinds qi, ki, vi, oi and, with query parts, qri (compile.ce_in_place: flag, barrier, barrier with one SM peer),
 XDIT_CE_SIGNAL = flag, barrier and spin (and barrier with XDIT_CE_LOCAL=triton: the own piece by
 runtime/local_copy.py's kernel; barrier with XDIT_CE_SM_PEERS=1 and flag with every peer's piece stored by SMs,
 on starts marked exposed), eagerly and
@@ -82,6 +82,13 @@ def main():
     def block(q, k, v, slot, chunks, parts=1):
         """what decompose_ulysses emits for one attention (head chunks, or query parts of the rotated q; in place:
         q, k and the output written into their receive buffers, compile.ce_in_place)."""
+        if in_place and parts > 1:   # q rotated in place (qri), k and v in place, the output in parts
+            q, k, v = into(q, "qri", slot), into(k, "ki", slot), into(v, "vi", slot)
+            toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "vi"), (k, "ki"), (q, "qri"))]
+            vv, kk, qq = (ops.a2a_wait([tk], [], gname, kd, slot) for tk, kd in zip(toks, ("vi", "ki", "qri")))
+            outs = [attend(qp, kk, vv) for qp in qq.unflatten(2, (parts, -1)).unbind(2)]
+            toks = [ops.a2a_start(o, gname, "op", slot, p, parts, **ex) for p, o in enumerate(outs)]
+            return ops.a2a_wait(toks, outs, gname, "op", slot, 0, parts).clone()
         if in_place:
             q, k, v = into(q, "qi", slot), into(k, "ki", slot), into(v, "vi", slot)
             toks = [ops.a2a_start(t, gname, kd, slot, **ex) for t, kd in ((v, "vi"), (k, "ki"), (q, "qi"))]
@@ -134,7 +141,7 @@ def main():
         ex.clear()
         ex.update({"exposed": True} if sm else {})
         for chunks, parts in ((1, 1),) + ((() if in_place else ((2, 1),)) +
-                                          tuple((1, p) for p in (2, n) if p > 1 and n % p == 0 and not in_place)):
+                                          tuple((1, p) for p in (2, n) if p > 1 and n % p == 0)):
             gen = torch.Generator(device=dev).manual_seed(rank)
             mk = lambda: (torch.randn(B, H, S, D, device=dev, generator=gen).to(bf),  # noqa: E731
                           torch.randn(3, B, H, S, D, device=dev, generator=gen).to(bf))

@@ -164,7 +164,9 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 out = _emit_allgather_kv(g, q, k, v, scale, group, len(sizes))
             elif mode == "copy_engine":
                 qv = q.meta["example_value"]      # full size; this rank holds sizes[0] of its tokens
-                allowed = _in_place_kinds(ctx, qv) if chunks == 1 and parts == 1 else ()
+                allowed = _in_place_kinds(ctx, qv) if chunks == 1 else ()
+                if parts > 1:    # k and v travel as without parts, q rotated ("qri"), the output in parts ("op")
+                    allowed = tuple(kind for kind in allowed if kind in ("qi", "ki", "vi"))
                 out, in_place = _emit_copy_engine(g, q, k, v, scale, group, slot % 2, chunks, parts,
                                                   exposed=not partner, in_place=allowed, ctx=ctx)
                 if hasattr(ctx, "ce_buffers"):
@@ -392,15 +394,16 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
     one wait for all output chunks (schedule_transfers places starts early and waits late). parts > 1: SDPA per
     query part of the rotated q instead, each part's output sent back at once. exposed: an output without a
     partner, so q's transfer (of the first chunk) and the output's (of the last) have no compute beside them: those
-    starts say so (XDIT_CE_SM_PEERS). in_place: the in-place kinds allowed (one chunk, no query parts); returns the
-    output and the in-place kinds used."""
+    starts say so (XDIT_CE_SM_PEERS). in_place: the in-place kinds allowed (one chunk; with query parts qi (as qri),
+    ki and vi); returns the output and the in-place kinds used."""
     start, wait = torch.ops.xdit.a2a_start.default, torch.ops.xdit.a2a_wait.default
-    if in_place:
-        used = tuple(kind for kind, x in (("qi", q), ("ki", k)) if kind in in_place
-                     and _norm_rope_into(g, x, kind, group, slot))
-        used += ("vi",) if "vi" in in_place and _linears_into(g, v, "vi", group, slot, ctx) else ()
-        used += ("oi",) if "oi" in in_place else ()
-        kinds = {base: base + "i" if base + "i" in used else base for base in "qkvo"}
+    qi = "qri" if parts > 1 else "qi"      # query parts: q rotated, the own rows last
+    used = tuple(kind for kind, x in ((qi, q), ("ki", k)) if kind[0] + kind[-1] in in_place
+                 and _norm_rope_into(g, x, kind, group, slot))
+    used += ("vi",) if "vi" in in_place and _linears_into(g, v, "vi", group, slot, ctx) else ()
+    used += ("oi",) if "oi" in in_place else ()
+    kinds = {base: base + "i" if base + "i" in used else base for base in "qkvo"}
+    if in_place and parts == 1:
         tokens = {kind: g.call_function(start, (x, group, kinds[kind], slot, 0, 1),
                                         {"exposed": True} if exposed and kind == "q" else {})
                   for kind, x in (("v", v), ("k", k), ("q", q))}
@@ -413,10 +416,11 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
             o = g.call_function(F.scaled_dot_product_attention, tuple(got), {"scale": scale})
         sent = g.call_function(start, (o, group, kinds["o"], slot, 0, 1), {"exposed": True} if exposed else {})
         return g.call_function(wait, ([sent], [] if "oi" in used else [o], group, kinds["o"], slot, 0, 1)), used
-    if parts > 1:
-        qkv = (("v", v), ("k", k), ("qr", q))
+    if parts > 1:     # q, k and v may be in place (qri, ki, vi), the output is not
+        qkv = ((kinds["v"], v), (kinds["k"], k), ("qri" if "qri" in used else "qr", q))
         tokens = {kind: g.call_function(start, (x, group, kind, slot, 0, 1)) for kind, x in qkv}
-        got = {kind: g.call_function(wait, ([tokens[kind]], [x], group, kind, slot, 0, 1)) for kind, x in qkv}
+        got = {"qr" if kind[:2] == "qr" else kind[0]: g.call_function(
+            wait, ([tokens[kind]], [] if kind in used else [x], group, kind, slot, 0, 1)) for kind, x in qkv}
         qs = g.call_function(aten.unflatten.int, (got["qr"], 2, [parts, -1]))        # (B, h, P, L/P, D)
         outs, sent = [], []
         for p in range(parts):
@@ -424,7 +428,7 @@ def _emit_copy_engine(g: fx.Graph, q, k, v, scale, group, slot: int, chunks: int
             o = g.call_function(F.scaled_dot_product_attention, (qp, got["k"], got["v"]), {"scale": scale})
             outs.append(o)                                                        # (B, h, L/P, D)
             sent.append(g.call_function(start, (o, group, "op", slot, p, parts)))
-        return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts)), ()   # (B, H, S, D), strided view
+        return g.call_function(wait, (sent, outs, group, "op", slot, 0, parts)), used   # (B, H, S, D), strided view
     qkv = (("v", v), ("k", k), ("q", q))
 
     def kw(kind: str, c: int) -> dict:

@@ -18,7 +18,8 @@ and the output, but the receive buffer is the whole (B, L, H, D) and the produce
 own piece belongs (q/k/v: this rank's rows; o: this rank's heads), so the start copies only the peers' pieces, each
 to the same place in the peer's buffer (it copies the own piece too when x is elsewhere). The wait returns this
 rank's heads of every row (qi/ki/vi: (B, h, L, D), strided) or its rows of every head (oi: (B, H, S', D)); it takes
-no xs (x aliases its result): the start's token has x's shape. No head chunks.
+no xs (x aliases its result): the start's token has x's shape. No head chunks. "qri" is "qr" (query parts, below) in
+place: the rows rotated, so the producer writes its own rows into the last block.
 
 Query parts (compile.query_parts = P, P divides N): the attention output goes back in P parts, each
 sent as soon as its queries are attended, so the transfer of part p runs beside the attention of part p + 1.
@@ -108,8 +109,8 @@ from .symm_a2a import _in_side_thread, _timeout_ms
 
 __all__ = ["available", "a2a_start", "a2a_wait", "buffer_specs", "out_shape", "reserve"]
 
-KINDS = ("q", "k", "v", "o", "qr", "op", "qi", "ki", "vi", "oi")
-IN_PLACE = ("qi", "ki", "vi", "oi")
+KINDS = ("q", "k", "v", "o", "qr", "op", "qi", "ki", "vi", "oi", "qri")
+IN_PLACE = ("qi", "ki", "vi", "oi", "qri")
 _BUFS: dict = {}      # (group, kind, slot, shape, dtype, device) -> receive buffer state
 _PENDING: dict = {}   # (group, kind, slot, chunk) -> (events, what the copies read, flag addresses to wait on)
 _FLAGS: dict = {}     # (group, kind, slot, chunks, device) -> completion flags (XDIT_CE_SIGNAL=flag)
@@ -124,7 +125,7 @@ def out_shape(kind: str, shape, n: int, chunks: int = 1) -> tuple[tuple[int, ...
     b, h, s, d = shape
     if kind == "oi":         # the whole (B, L, H, D): this rank's rows are what it receives
         return (b, h * n, s // n, d), (b, s, h * n, d)
-    if kind in ("qi", "ki", "vi"):  # the whole (B, L, H, D): this rank's heads are what it receives
+    if kind in ("qi", "ki", "vi", "qri"):  # the whole (B, L, H, D): this rank's heads are what it receives
         return (b, h // n, s * n, d), (b, s * n, h, d)
     if kind == "o":
         return (b, h * chunks * n, s // n, d), (b, s // n, h * chunks * n, d)
@@ -284,8 +285,8 @@ def _own_view(buf: Tensor, kind: str, n: int, me: int) -> Tensor:
     if kind == "oi":
         h = buf.shape[2] // n
         return buf[:, :, me * h:(me + 1) * h]
-    s = buf.shape[1] // n
-    return buf[:, me * s:(me + 1) * s]
+    s, blk = buf.shape[1] // n, n - 1 if kind == "qri" else me     # qri: rotated, the own block last
+    return buf[:, blk * s:(blk + 1) * s]
 
 
 def in_place_out(group_name: str, kind: str, slot: int, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -311,10 +312,11 @@ def _in_place_piece(xt: Tensor, kind: str, n: int, me: int, j: int, bi: int, dst
         rows, h, big_h, big_l = r_ // n, c_, c_ * n, r_
         src = xt.data_ptr() + (bi * xt.stride(0) + j * rows * xt.stride(1)) * e
         dst = dst_base + ((bi * big_l + j * rows) * big_h + me * h) * d * e
-    else:               # xt (B, S, H, D): heads j*h of my rows -> rank j's rows me*S at heads j*h
+    else:               # xt (B, S, H, D): heads j*h of my rows -> rank j's rows me*S (qri: its block for me) at heads j*h
         rows, h, big_h, big_l = r_, c_ // n, c_, r_ * n
+        blk = (me - j - 1) % n if kind == "qri" else me
         src = xt.data_ptr() + (bi * xt.stride(0) + j * h * d) * e
-        dst = dst_base + ((bi * big_l + me * rows) * big_h + j * h) * d * e
+        dst = dst_base + ((bi * big_l + blk * rows) * big_h + j * h) * d * e
     return src, xt.stride(1) * e, dst, big_h * d * e, h * d * e, rows
 
 
@@ -337,7 +339,9 @@ def _fallback_in_place(buf: Tensor, xt: Tensor, kind: str, n: int, me: int, pg) 
     dist.all_to_all_single(recv, send, group=pg)   # recv[P] = rank P's piece for this rank
     if kind == "oi":   # my rows, rank P's heads
         buf.unflatten(1, (n, -1))[:, me].unflatten(2, (n, -1)).copy_(recv.permute(1, 2, 0, 3, 4))
-    else:              # rank P's rows, my heads
+    else:              # rank P's rows, my heads (qri: block b holds rank me + 1 + b's)
+        if kind == "qri":
+            recv = recv[[(me + 1 + b) % n for b in range(n)]]
         buf.unflatten(2, (n, -1))[:, :, me].unflatten(1, (n, -1)).copy_(recv.transpose(0, 1))
 
 
@@ -369,7 +373,7 @@ def buffer_specs(group_name: str, n: int, q_shape, dtype: torch.dtype, device: t
     def kind(base: str) -> str:
         return base + "i" if base + "i" in in_place else base
     xs = [(kind("v"), q_shape, chunks), (kind("k"), q_shape, chunks),
-          ("qr" if parts > 1 else kind("q"), q_shape, chunks)]
+          (("qri" if "qri" in in_place else "qr") if parts > 1 else kind("q"), q_shape, chunks)]
     if parts > 1:
         xs.append(("op", (b, heads // n, n * s // parts, d), parts))
     else:

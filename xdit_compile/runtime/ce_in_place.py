@@ -25,6 +25,9 @@ plan's attention backend is fa3_cute (SDPA would write elsewhere and copy: more 
 (the same math, so the CPU tests run the path). Off CUDA, under a fake group or with the gloo fallback, the ops
 compute as usual and copy into the buffer view: the same values.
 
+With query parts (compile.query_parts) q travels rotated, so norm_rope_into writes the own rows into the last block
+(kind qri); k and v as above; the output goes back in parts, not in place. Head chunks keep the plain kinds.
+
 All three return a view of a persistent buffer, like a2a_wait: the lowering marks their outputs never-reuse.
 """
 from __future__ import annotations
