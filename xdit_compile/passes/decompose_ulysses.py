@@ -58,6 +58,10 @@ independent after its attention, can hide of the output's return trip.
     o_p = sdpa(unflatten(q_r, 2, [P, -1]).select(2, p), k_l, v_l)            # (B, h, L/P, D)   for p < P
     o   = a2a_wait([a2a_start(o_p, "g", "op", slot, p, P) for p], [o_p ...], "g", "op", slot, 0, P)
 
+With compile.ce_in_place (the default) the producers of q, k and v write into the receive buffers (kinds qi, ki, vi,
+and the output's producer oi; runtime/ce_in_place.py); with query parts q's kind is qri (rotated, its own rows in the
+last block) and the output's parts stay op. Head chunks keep the plain kinds.
+
 Attention without such a partner (not in query parts) has nothing computing beside two of its transfers: q's
 (v and k move while k and q are computed; with head chunks, q's first chunk) and the output's (with head chunks,
 the last chunk's). Those starts carry exposed=True, and with XDIT_CE_SM_PEERS=k SM kernels store k peers' pieces
