@@ -312,7 +312,7 @@ def _in_place_piece(xt: Tensor, kind: str, n: int, me: int, j: int, bi: int, dst
         rows, h, big_h, big_l = r_ // n, c_, c_ * n, r_
         src = xt.data_ptr() + (bi * xt.stride(0) + j * rows * xt.stride(1)) * e
         dst = dst_base + ((bi * big_l + j * rows) * big_h + me * h) * d * e
-    else:               # xt (B, S, H, D): heads j*h of my rows -> rank j's rows me*S (qri: its block for me) at heads j*h
+    else:               # xt (B, S, H, D): heads j*h of my rows -> rank j's rows me*S (qri: its block for me), heads j*h
         rows, h, big_h, big_l = r_, c_ // n, c_, r_ * n
         blk = (me - j - 1) % n if kind == "qri" else me
         src = xt.data_ptr() + (bi * xt.stride(0) + j * h * d) * e
