@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
 # A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default min(4, G), the first N).
 # CALLS=K: K forwards per timing. AHEAD=MS: the GPU held MS ms before each timing (bench.py --gpu-ahead-ms).
+# $OUT gets bench.md, scaling.png, rows.jsonl (every row, the 1-GPU references too), the logs and raw.tgz (NO_RAW=1: none).
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
 [ -n "${TINY:-}" ] || source benchmarks/gpu_site.sh \
@@ -56,6 +57,9 @@ for job in "$@"; do
 done
 extra=$(ls -d $R/n1_* 2>/dev/null); [ -f $R/n2/rows.jsonl ] && extra="$extra $R/n2"
 python3 benchmarks/bench.py --merge --out $R/n4 --merge-from $extra --md $OUT/bench.md --png $OUT/scaling.png \
-  > $OUT/merge.log 2>&1
-tar czf $OUT/raw.tgz -C $R --exclude=.seeded .
+  > $OUT/merge.log 2>&1 && rm -f $OUT/merge.log   # kept only when the merge failed
+# every row of the call, the 1-GPU references included, in one small file (raw.tgz, with the logs, may be too big to
+# keep); the device tool returns at most 8 files
+cat $R/n1_*/rows.jsonl $R/n2/rows.jsonl $R/n4/rows.jsonl > $OUT/rows.jsonl 2>/dev/null
+[ -n "${NO_RAW:-}" ] || tar czf $OUT/raw.tgz -C $R --exclude=.seeded .
 cat $OUT/norm_rope.md $OUT/lse_merge.md 2>/dev/null; tail -n 3 $OUT/n[24].log 2>/dev/null; grep -v "^$" $OUT/bench.md | head -60
