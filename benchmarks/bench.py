@@ -37,7 +37,8 @@ Methods:
              into the receive buffers: no own-piece copies, runtime/ce_in_place.py; the default since session 26, so
              xdit_cg_ce_fm has it too), xdit_cg_ce_fm_noip with it off;
              xdit_cg_ce_fsm1 = xdit_cg_ce_fm with XDIT_CE_SM_PEERS=1 (of each exposed transfer, one peer's piece
-             stored by SMs over NVLink beside the copy engine's), _fsm3 every peer's piece by SMs;
+             stored by SMs over NVLink beside the copy engine's), _fsm2 two peers' pieces, _fsm3 every peer's
+             piece by SMs (a GPU's copy-engine copies to its peers run one after another, session 28);
              xdit_cg_ce_fq2 / _fq4 = xdit_cg_ce_fm + compile.query_parts = 2 / 4 (attention in query parts, each
              part's output sent back beside the next part's attention); xdit_cg_ce_fc2 / _fc3 = xdit_cg_ce_fm +
              compile.ulysses_chunks = 2 / 3 (since session 10 under copy_engine only where the output has no partner),
@@ -132,7 +133,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_ce_fm_noip": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                        "fuse_modulation": True, "ce_in_place": False},
                 **{f"xdit_cg_ce_fsm{k}": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
-                                          "fuse_modulation": True} for k in (1, 3)},
+                                          "fuse_modulation": True} for k in (1, 2, 3)},
                 **{f"xdit_cg_ce_fq{p}": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                          "fuse_modulation": True, "query_parts": p} for p in (2, 4)},
                 "xdit_cg_ce_fmg": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -171,7 +172,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
 XDIT_ATTENTION = {"xdit_cg_ce_fm_sdpa": {"backend": "sdpa"}, "xdit_cg_ce_sdpa": {"backend": "sdpa"}}
 XDIT_ENV = {"xdit_cg_ceb": {"XDIT_CE_SIGNAL": "barrier"}, "xdit_cg_cef": {"XDIT_CE_SIGNAL": "flag"},
             "xdit_cg_ce_fms": {"XDIT_CE_SIGNAL": "spin"}, "xdit_cg_ce_fml": {"XDIT_CE_LOCAL": "triton"},
-            "xdit_cg_ce_fsm1": {"XDIT_CE_SM_PEERS": "1"},
+            "xdit_cg_ce_fsm1": {"XDIT_CE_SM_PEERS": "1"}, "xdit_cg_ce_fsm2": {"XDIT_CE_SM_PEERS": "2"},
             "xdit_cg_ce_fsm3": {"XDIT_CE_SM_PEERS": "3"}, "xdit_cg_ce_fc2sm1": {"XDIT_CE_SM_PEERS": "1"}}  # environment while the method builds and runs
 XDIT_METHODS = tuple(XDIT_COMPILE)
 MAIN_METHODS = ["eager", "inductor", *XDIT_METHODS, "diffusers", "diffusers_ind"]  # one sub-run
@@ -182,7 +183,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm2": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -844,6 +845,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                       "GEMV, own pieces copied: no ce_in_place)",
                 "xdit_cg_ce_fsm1": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                    "GEMV, one peer's piece of exposed transfers by SMs)",
+                "xdit_cg_ce_fsm2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
+                                   "GEMV, two peers' pieces of exposed transfers by SMs)",
                 "xdit_cg_ce_fsm3": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                    "GEMV, every peer's piece of exposed transfers by SMs)",
                 **{f"xdit_cg_ce_fq{p}": f"xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
