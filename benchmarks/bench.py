@@ -40,8 +40,9 @@ Methods:
              stored by SMs over NVLink beside the copy engine's), _fsm2 two peers' pieces, _fsm3 every peer's
              piece by SMs (a GPU's copy-engine copies to its peers run one after another, session 28);
              xdit_cg_ce_fq2 / _fq4 = xdit_cg_ce_fm + compile.query_parts = 2 / 4 (attention in query parts, each
-             part's output sent back beside the next part's attention); xdit_cg_ce_fc2 / _fc3 = xdit_cg_ce_fm +
-             compile.ulysses_chunks = 2 / 3 (since session 10 under copy_engine only where the output has no partner),
+             part's output sent back beside the next part's attention); xdit_cg_ce_fc2 / _fc3 / _fc5 = xdit_cg_ce_fm
+             + compile.ulysses_chunks = 2 / 3 / 5 (since session 10 under copy_engine only where the output has no
+             partner: FLUX's double blocks, Wan's self-attention; the largest divisor of the local heads <= it),
              xdit_cg_ce_fc2sm1 = xdit_cg_ce_fc2 with XDIT_CE_SM_PEERS=1 (q's first chunk, the last output chunk);
              xdit_cg_ce_fmg = xdit_cg_ce_fm + compile.fuse_gelu = true (MLP linear + tanh-GELU as one cuBLASLt GEMM
              with a GELU epilogue). fuse_gelu is the default since session 11, so every xdit row has it unless
@@ -147,7 +148,7 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                 "xdit_cg_ce_fm_nol": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                       "fuse_modulation": True, "fuse_linears": False},
                 **{f"xdit_cg_ce_fc{c}": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
-                                         "fuse_modulation": True, "ulysses_chunks": c} for c in (2, 3)},
+                                         "fuse_modulation": True, "ulysses_chunks": c} for c in (2, 3, 5)},
                 "xdit_cg_ce_fc2sm1": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                       "fuse_modulation": True, "ulysses_chunks": 2},
                 "xdit_cg_ce_fm_sdpa": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -183,7 +184,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm2": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm2": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc5": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -866,7 +867,7 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                 "xdit_cg_ce_fm_sdpa": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                       "GEMV, attention backend sdpa: cuDNN)",
                 **{f"xdit_cg_ce_fc{c}": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
-                                        f"GEMV, {c} head chunks)" for c in (2, 3)},
+                                        f"GEMV, {c} head chunks)" for c in (2, 3, 5)},
                 "xdit_cg_ce_fc2sm1": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                      "GEMV, 2 head chunks, one peer's piece of exposed transfers by SMs)",
                 "xdit_cg_ce_c2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, 2 head chunks)",

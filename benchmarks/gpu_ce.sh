@@ -3,7 +3,7 @@
 # and spin completion, eager and CUDA-graph replays) with its block-loop timing, then bench rows of MODEL with
 # METHODS at ulysses N against the 1-GPU eager reference of the same call.
 #   [DEGS=u4,r4,u2xr2] [XB=outputs/xb REUSE_N1=1] [PROFILE=1] [CALLS=5] [AHEAD=20] [CHECK_ARGS=--exact-only] [SPLIT=1] bash benchmarks/gpu_ce.sh N [MODEL] [METHODS]  (results: $OUT/ce_check.jsonl, $OUT/bench.md, rows,
-#   with PROFILE=1 the copy_engine step's profile and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
+#   with PROFILE=1 the copy_engine step's profile (trace_gaps.py's reading of it appended) and rank 0's trace; PROFILE_ARGS adds profile_step.py arguments)
 # Chained in one call with the same OUT and XB (and REUSE_N1=1, SKIP_CHECK=1 after the first), the runs share
 # their files (the device tool returns at most 8): logs append, bench.md and rows_n$N.jsonl hold every row. With
 # the check and PROFILE=1 a call returns 8: ce_check.jsonl, bench.md, 2 logs, 2 rows files, the profile and trace.
@@ -44,5 +44,8 @@ if [ -n "${PROFILE:-}" ]; then   # PROFILE=1: the copy_engine step's profile by 
     --model $MODEL --ulysses $N --lowering inductor --cudagraphs --all-to-all copy_engine --compile-json "$CJ" \
     --trace $OUT/trace_${MODEL}_ce.json.gz ${PROFILE_ARGS:-} --out $OUT/profile_${MODEL}_ce.md > $OUT/profile.log 2>&1; prc=$?; echo "profile rc=$prc at ${SECONDS}s"
   [ $prc = 0 ] && rm -f $OUT/profile.log || tail -20 $OUT/profile.log
+  # where rank 0 has no compute kernel running, by the kernels either side (appended: at most 8 files come back)
+  [ -f $OUT/trace_${MODEL}_ce.json.gz ] && { echo; python3 benchmarks/trace_gaps.py $OUT/trace_${MODEL}_ce.json.gz; } \
+    >> $OUT/profile_${MODEL}_ce.md 2>&1
   cat $OUT/profile_${MODEL}_ce.md 2>/dev/null | head -30
 fi
