@@ -464,8 +464,9 @@ CASES = {
     # 8 heads, 4 per rank, in 2 chunks: per attention 2 x (v, k, q) + 2 output starts, 2 x 3 + 1 waits
     "flux_ce_c2": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                    "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
-    # Wan's self-attention (2 heads per rank) in 2 head chunks: every one of its transfers chunked, plain kinds
-    "wan_ce_c2": {"model": "wan", "size": {}, "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
+    # Wan's self-attention, 4 heads (2 per rank) in 2 head chunks: its transfers chunked, plain kinds
+    "wan_ce_c2": {"model": "wan", "size": {}, "heads": 4,
+                  "compile": {"all_to_all": "copy_engine", "ulysses_chunks": 2}},
     # query parts: per attention v, k, qr + 2 output parts started, 3 + 1 waits
     # fuse_gelu (default): the 3 MLP linear + tanh-GELU pairs (double block img / txt ff, single block proj_mlp)
     "flux_ce_qp2": {"model": "flux", "size": {"text_len": 8},
