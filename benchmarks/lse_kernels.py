@@ -10,7 +10,8 @@ timings after 3 warm-up calls. Then checks runtime/_lse.attention_with_lse (cuDN
 mem-efficient) against its float32 math path on odd shapes and strided (B, S, H, D) storage, bf16 and fp16.
 Last, the LSE merge of two partial outputs at the same shapes: merge_lse's torch ops (what the ring step ran
 before session 14) against its one Triton kernel, into the float32 accumulator and (the last ring step) into
-bf16; `--merge-only` times only that.
+bf16; then a whole ring attention's merges, block by block against merge_lse_all's one pass; `--merge-only`
+times only the merges.
 """
 from __future__ import annotations
 
@@ -149,6 +150,29 @@ def merge_rows():
             lines.append(f"| {name} {(b, h, sq, d)} | {str(dtype)[6:]} | {t_ms:.3f} | {k_ms:.3f} | "
                          f"{nbytes / k_ms / 1e6:.0f} | {(ko.float() - ro.float()).abs().max().item():.1e} |")
             print(lines[-1], flush=True)
+    lines += ["", "A whole ring attention's merges: the ring degree K's partial outputs (bf16, (B, S, H, D) memory) "
+              "merged block by block into a float32 accumulator (K - 1 merge_lse kernels, the last into bf16: the "
+              "ring before session 28) against merge_lse_all's one kernel (each partial read once, bf16 written "
+              "once):", "",
+              "| shape (B, H, S, D) | K | K - 1 merges ms | one merge_lse_all ms | max abs diff |", "|---|---|---|---|---|"]
+    for name, (b, h, sq, _, d) in SHAPES.items():
+        k = int(name[-1])          # ring4: 4 blocks, u2xr2: 2
+        outs = [torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                for _ in range(k)]
+        lses = [torch.randn(b, h, sq, device="cuda", generator=g) for _ in range(k)]
+
+        def blockwise():
+            acc = None, None
+            for i, (o, lse) in enumerate(zip(outs, lses)):
+                acc = _lse.merge_lse(*acc, o, lse, out_dtype=torch.bfloat16 if i == k - 1 else None, inplace=i > 1)
+            return acc
+
+        def once():
+            return _lse.merge_lse_all(outs, lses, torch.bfloat16)
+
+        diff = (blockwise()[0].float() - once()[0].float()).abs().max().item()
+        lines.append(f"| {name} {(b, h, sq, d)} | {k} | {timed(blockwise):.3f} | {timed(once):.3f} | {diff:.1e} |")
+        print(lines[-1], flush=True)
     return lines
 
 

@@ -184,6 +184,35 @@ def test_attention_with_lse_merges_to_sdpa():
         torch.testing.assert_close(lse, full)
 
 
+def test_merge_lse_all_matches_sdpa():
+    """The one-pass K-way merge (ring attention's, after its last block) over 1..4 key blocks equals attention over
+    all keys and the block-by-block merge; a block no row sees and a row that sees nothing stay NaN-free (0, -inf)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 6, 8, generator=g)
+    k, v = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(2))
+    mask = torch.rand(2, 1, 6, 8, generator=g) > 0.4
+    mask[:, :, :, 2:4] = False  # the second block is fully masked for every row
+    mask[1, 0, 4] = False       # and this row sees nothing at all
+    full = torch.logsumexp((q @ k.transpose(-1, -2)) / math.sqrt(8) + _lse.as_additive_mask(mask, q.dtype), -1)
+    for cuts in ([0, 8], [0, 2, 8], [0, 2, 4, 7, 8]):
+        blocks = [_lse.attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], mask[..., a:b], None, "math")
+                  for a, b in zip(cuts, cuts[1:])]
+        out, lse = _lse.merge_lse_all([o for o, _ in blocks], [l_ for _, l_ in blocks], torch.float32)
+        assert out.dtype == torch.float32 and not out.isnan().any() and not lse.isnan().any()
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+        assert (out[1, :, 4] == 0).all() and torch.isneginf(lse[1, :, 4]).all()
+        fin = torch.isfinite(full)
+        torch.testing.assert_close(lse[fin], full[fin])
+        acc = None, None
+        for o, l_ in blocks:
+            acc = _lse.merge_lse(*acc, o, l_)
+        torch.testing.assert_close(out, acc[0].float(), atol=1e-6, rtol=1e-6)
+    half, _ = _lse.merge_lse_all([o.half() for o, _ in blocks], [l_ for _, l_ in blocks], torch.float16)
+    assert half.dtype == torch.float16
+    with pytest.raises(ValueError, match="one lse per output"):
+        _lse.merge_lse_all([blocks[0][0]], [], torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["nope", "flash_attn", "yunchang", "fa3_cute"])
 def test_backend_errors_name_the_problem(backend):
     import importlib.util

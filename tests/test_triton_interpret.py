@@ -79,6 +79,37 @@ def test_lse_merge_kernel_interpreted():
     assert out.strip().endswith("ok")
 
 
+def test_lse_merge_all_kernel_interpreted():
+    """merge_lse_all's K-way kernel (ring attention's one merge after its last block) against its torch path, for
+    K = 1..4 and 8, partials in (B, S, H, D) memory as SDPA returns them, rows where some or every block is -inf."""
+    out = _interpret("""
+        import torch
+        from xdit_compile.runtime import _lse
+        assert _lse.triton is not None
+        torch.manual_seed(0)
+        for B, H, S, D in [(1, 3, 37, 128), (2, 2, 5, 72)]:
+            for K in (1, 2, 3, 4, 8):
+                outs = [torch.randn(B, S, H, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(K)]
+                lses = [torch.randn(B, H, S) * 3 for _ in range(K)]
+                lses[0][0, 0, :3] = float("-inf")
+                for l in lses:
+                    l[0, 0, 1] = float("-inf")                   # row 1: no key in any block
+                for dtype in (torch.float32, torch.bfloat16):
+                    o, l = _lse._merge_all_triton(outs, lses, dtype)
+                    ro, rl = _lse.merge_lse_all(outs, [x.clone() for x in lses], dtype)  # CPU: the torch path
+                    assert o.dtype == dtype and l.dtype == torch.float32 and o.is_contiguous()
+                    assert not o.isnan().any() and not l.isnan().any()
+                    assert torch.equal(torch.isneginf(l), torch.isneginf(rl))
+                    fin = torch.isfinite(rl)
+                    assert (l[fin] - rl[fin]).abs().max() < 1e-5, (K, dtype)
+                    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ro.float().abs() + 1e-6
+                    assert ((o.float() - ro.float()).abs() <= tol).all(), (B, H, S, D, K, dtype)
+                    assert (o[0, 0, 1] == 0).all()
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_norm_rope_kernel_interpreted():
     out = _interpret("""
         import torch

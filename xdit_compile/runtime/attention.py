@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._lse import as_additive_mask, attention_with_lse, check_backend, merge_lse
+from ._lse import as_additive_mask, attention_with_lse, check_backend, merge_lse_all
 
 __all__ = [
     "comm_bytes",
@@ -347,7 +347,7 @@ def _ring(q_BHSD, k_BHSD, v_BHSD, mask, scale, pg, rank, sizes, enable_gqa, back
     kv = [F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (k_BHSD, v_BHSD)]
     send_to = dist.get_global_rank(pg, (rank + 1) % n)
     recv_from = dist.get_global_rank(pg, (rank - 1) % n)
-    out_acc = lse_acc = None
+    outs, lses = [], []
     for step in range(n):
         reqs, incoming = [], None
         if step < n - 1:  # start the next transfer before computing on the current block
@@ -362,14 +362,15 @@ def _ring(q_BHSD, k_BHSD, v_BHSD, mask, scale, pg, rank, sizes, enable_gqa, back
             k_blk, v_blk = _repeat_kv(q_BHSD, k_blk, v_blk)
         m_blk = None if bias is None else bias[..., offsets[src] : offsets[src] + sizes[src]]
         out_i, lse_i = attention_with_lse(q_BHSD, k_blk, v_blk, m_blk, scale, backend)
-        # float32 accumulator, merged in place from the third block on, the last merge in q's dtype
-        out_acc, lse_acc = merge_lse(out_acc, lse_acc, out_i, lse_i,
-                                     out_dtype=q_BHSD.dtype if step == n - 1 else None, inplace=step > 1)
+        outs.append(out_i)
+        lses.append(lse_i)
         for req in reqs:
             req.wait()
         if incoming is not None:
             kv = incoming
-    return out_acc.to(q_BHSD.dtype)
+    # every block's partial merged once (one read of each, one write in q's dtype), not block by block through a
+    # float32 accumulator
+    return merge_lse_all(outs, lses, q_BHSD.dtype)[0]
 
 
 # --- communication volume -------------------------------------------------------------------------------
