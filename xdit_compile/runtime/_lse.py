@@ -118,6 +118,9 @@ def merge_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint key sets: ``out = sum_i exp(lse_i - lse) * out_i``.
 
+    The block-by-block merge ring attention used until session 28 (now merge_lse_all, once after the last block);
+    kept for merging as blocks arrive without holding them all, and as benchmarks/lse_kernels.py's baseline.
+
     ``out_acc`` is ``None`` on the first block: then ``(out_i, lse_i)`` come back as they are (the accumulator
     may stay in out_i's dtype until the next merge, which reads it as float32, as it would the upcast copy).
     The result is float32, or ``out_dtype`` (the last block: rounded once, as a float32 accumulator cast at the
@@ -140,18 +143,21 @@ def merge_lse(
 
 if triton is not None:
     @triton.jit
+    def _rows(R, H, S, D, ROWS: tl.constexpr, DB: tl.constexpr):
+        """This program's ROWS rows of the (B, H, S) query rows: the flat row, its mask, (b, h, s), the head-dim
+        lanes and the (row, lane) mask."""
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rm = r < R
+        d = tl.arange(0, DB)
+        return r, rm, r // (H * S), (r // S) % H, r % S, d, rm[:, None] & (d < D)[None, :]
+
+    @triton.jit
     def _merge_kernel(a_ptr, la_ptr, b_ptr, lb_ptr, o_ptr, lo_ptr, R, H, S, D,
                       sa0, sa1, sa2, sa3, sla0, sla1, sla2, sb0, sb1, sb2, sb3, slb0, slb1, slb2,
                       ROWS: tl.constexpr, DB: tl.constexpr):
         """ROWS query rows of (B, H, S) per program: out = a * exp(la - lse) + b * exp(lb - lse), lse written
         too; o / lo are contiguous (B, H, S, D) / (B, H, S)."""
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        rm = r < R
-        bi = r // (H * S)
-        hi = (r // S) % H
-        si = r % S
-        d = tl.arange(0, DB)
-        m2 = rm[:, None] & (d < D)[None, :]
+        r, rm, bi, hi, si, d, m2 = _rows(R, H, S, D, ROWS, DB)
         la = tl.load(la_ptr + bi * sla0 + hi * sla1 + si * sla2, mask=rm, other=float("-inf")).to(tl.float32)
         lb = tl.load(lb_ptr + bi * slb0 + hi * slb1 + si * slb2, mask=rm, other=float("-inf")).to(tl.float32)
         mx = tl.maximum(la, lb)
@@ -218,13 +224,7 @@ if triton is not None:
                           K: tl.constexpr, ROWS: tl.constexpr, DB: tl.constexpr):
         """ROWS query rows of (B, H, S) per program: the K-way merge of merge_lse_all. Pointers past K are
         placeholders, never read (their masks are false)."""
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        rm = r < R
-        bi = r // (H * S)
-        hi = (r // S) % H
-        si = r % S
-        d = tl.arange(0, DB)
-        m2 = rm[:, None] & (d < D)[None, :]
+        r, rm, bi, hi, si, d, m2 = _rows(R, H, S, D, ROWS, DB)
         lo = bi * sl0 + hi * sl1 + si * sl2
         oo = (bi * so0 + hi * so1 + si * so2)[:, None] + d[None, :] * so3
         ninf = float("-inf")
