@@ -36,6 +36,8 @@ Methods:
              xdit_cg_ce_fip = xdit_cg_ce_fm + compile.ce_in_place (q, k and the attention output written straight
              into the receive buffers: no own-piece copies, runtime/ce_in_place.py; the default since session 26, so
              xdit_cg_ce_fm has it too), xdit_cg_ce_fm_noip with it off;
+             xdit_cg_ce_fm_rn = xdit_cg_ce_fm with compile.ring_transfer = "nccl" (ring degrees: k/v around the ring
+             by NCCL send/recv; xdit_cg_ce_fm's "auto" moves them by the copy engines, runtime/ce_ring.py);
              xdit_cg_ce_fsm1 = xdit_cg_ce_fm with XDIT_CE_SM_PEERS=1 (of each exposed transfer, one peer's piece
              stored by SMs over NVLink beside the copy engine's), _fsm2 two peers' pieces, _fsm3 every peer's
              piece by SMs (a GPU's copy-engine copies to its peers run one after another, session 28);
@@ -131,6 +133,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                    "fuse_modulation": True},
                 "xdit_cg_ce_fip": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                    "fuse_modulation": True, "ce_in_place": True},
+                "xdit_cg_ce_fm_rn": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                     "fuse_modulation": True, "ring_transfer": "nccl"},
                 "xdit_cg_ce_fm_noip": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                        "fuse_modulation": True, "ce_in_place": False},
                 **{f"xdit_cg_ce_fsm{k}": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",

@@ -131,6 +131,48 @@ def test_ring_4(sizes):
     _assert_grid("ring_attention", 4, sizes)
 
 
+def _check_ring_copy_engine(rank, world_size):
+    """transfer "copy_engine" (runtime/ce_ring.py; here its gloo fallback, which fills the same rotated layout and runs
+    the same own-block / peers' blocks attentions and merge) against SDPA, every unmasked case, twice (the second
+    call reuses the receive buffer); and its refusals."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name
+    sizes = [3] * world_size
+    lo, hi = 3 * rank, 3 * (rank + 1)
+    failures = []
+    for case in [c for c in CASES if c[4] is None] + [("dv_ne_d_plain", 4, 2, 6, None, {"enable_gqa": True})]:
+        name, hq, hkv, dv, mask_kind, extra = case
+        for call in range(2):
+            q, k, v, _ = _full_inputs(case, sum(sizes), seed=call)
+            gqa = extra.get("enable_gqa", False)
+            ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)[:, :, lo:hi]
+            out = torch.ops.xdit.ring_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], None, None, gqa, group,
+                                                sizes, "auto", "copy_engine")
+            if out.shape != ref.shape or not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
+                err = (out - ref).abs().max().item() if out.shape == ref.shape else f"shape {tuple(out.shape)}"
+                failures.append(f"rank {rank} ring copy_engine {name} call {call}: {err}")
+    q = torch.randn(1, 2, 3, 8)
+    for sizes_, mask in (([4] + [3] * (world_size - 1), None), (sizes, torch.ones(1, 1, 3, 3 * world_size) > 0)):
+        if rank == 0 and sizes_ != sizes:
+            q_ = torch.randn(1, 2, 4, 8)
+        else:
+            q_ = q
+        try:
+            torch.ops.xdit.ring_attention(q_, q_, q_, mask, None, False, group, sizes_, "auto", "copy_engine")
+            failures.append(f"rank {rank}: sizes {sizes_} mask {mask is not None} was not refused")
+        except ValueError as e:
+            if "equal shards and no mask" not in str(e):
+                failures.append(f"rank {rank}: unclear error {e}")
+    return failures
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_copy_engine_transfer(world_size):
+    failures = [f for per_rank in run_distributed(_check_ring_copy_engine, world_size) for f in per_rank]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("sizes", [[2, 2, 2, 2], [4, 3, 3, 1]], ids=["even", "uneven"])
 def test_usp_ring2_ulysses2(sizes):
     _assert_grid("usp_attention", 4, sizes, ulysses_size=2)

@@ -68,7 +68,7 @@ def _run_case(case: dict) -> dict:
     with torch.no_grad():
         ref = model(**inputs)[0]
     plan = xdit_compile.Plan.from_dict(
-        {"parallel": case["parallel"], "compile": {"lowering": case.get("lowering", "eager")}}
+        {"parallel": case["parallel"], "compile": {"lowering": case.get("lowering", "eager"), **case.get("compile", {})}}
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -161,6 +161,11 @@ UNEVEN_2 = {
     "flux_grid7x9_ring2": {"model": "flux", "parallel": {"ring": 2}, "size": {"height": 7, "width": 9}},
     "lumina2_ulysses2": {"model": "lumina2", "parallel": {"ulysses": 2}},
     "flux_idempotence_ulysses2": {"model": "flux", "parallel": {"ulysses": 2}, "idempotence": True},
+    # ring attention with k/v by the copy engines (runtime/ce_ring.py; on CPU its gloo fallback, same layout and merge)
+    "flux_ring2_ce": {"model": "flux", "parallel": {"ring": 2}, "size": {"text_len": 8},
+                      "compile": {"ring_transfer": "copy_engine"}},
+    "wan_ring2_ce_inductor": {"model": "wan", "parallel": {"ring": 2}, "lowering": "inductor",
+                              "compile": {"ring_transfer": "copy_engine"}},
 }
 _add_group("uneven4", 4, UNEVEN_4, timeout=600)
 _add_group("extras2", 2, UNEVEN_2, timeout=600)
@@ -277,6 +282,15 @@ def test_odd_grid_2(key):
     _check_matches(per_rank, key)
     _check_parallel(per_rank, 2, key, kind=_expected_kind(UNEVEN_2[key]["parallel"]))
     assert any(u % 2 for u in per_rank[0]["units"]), f"{key}: sharded segments {per_rank[0]['units']}"
+
+
+@pytest.mark.parametrize("key", ["flux_ring2_ce", "wan_ring2_ce_inductor"])
+def test_ring_copy_engine_plan(key):
+    """compile.ring_transfer = "copy_engine": every sequence-parallel attention became the copy-engine ring (the
+    even shards of these sizes) and the output matches one process."""
+    per_rank = _case_results("extras2", key)
+    _check_matches(per_rank, key)
+    _check_parallel(per_rank, 2, key, kind="ring x2 (k/v by the copy engines)")
 
 
 def test_heads_not_divisible_ulysses():

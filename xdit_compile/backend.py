@@ -43,6 +43,7 @@ class CompileContext:
     query_parts: int = 1               # plan.compile.query_parts (decompose_ulysses, copy_engine)
     ce_in_place: bool = True           # plan.compile.ce_in_place (decompose_ulysses, copy_engine)
     all_to_all: str = "nccl"           # plan.compile.all_to_all as run (decompose_ulysses; all_to_all_mode)
+    ring_transfer: str = "nccl"        # plan.compile.ring_transfer as run (rewrite_attention; ring_transfer_mode)
     shard_modulation: bool = True      # plan.compile.shard_modulation
     fuse_modulation: bool = False      # plan.compile.fuse_modulation
     modulation_report: list = field(default_factory=list)   # shard_modulation: one record per all-gather
@@ -120,6 +121,19 @@ def all_to_all_mode(mode: str, lowering: str, device_type: str, ulysses: int = 1
     return "copy_engine" if world <= local_gpus else "nccl"
 
 
+def ring_transfer_mode(mode: str, device_type: str, ring: int = 1, world: int = 1, local_gpus: int | None = None) -> str:
+    """compile.ring_transfer as run. "auto" is copy_engine on CUDA when the ring spans the whole job (ulysses 1)
+    and every rank's GPU is on this host, else nccl. The same answer on every rank of a uniform job."""
+    if mode != "auto":
+        return mode
+    if device_type != "cuda" or ring < 2 or ring != world:
+        return "nccl"
+    if local_gpus is None:
+        import torch
+        local_gpus = torch.cuda.device_count()
+    return "copy_engine" if world <= local_gpus else "nccl"
+
+
 class XditCompiler:
     def __init__(self, plan: Plan, dims=None, disabled_passes=()):
         from .mesh import ParallelDims
@@ -158,6 +172,10 @@ class XditCompiler:
                                                         _device_type(example_inputs),
                                                         ulysses=self.dims.axis_size("ulysses"),
                                                         world=self.dims.world_size),
+                             ring_transfer=ring_transfer_mode(self.plan.compile.ring_transfer,
+                                                              _device_type(example_inputs),
+                                                              ring=self.dims.axis_size("ring"),
+                                                              world=self.dims.world_size),
                              shard_modulation=self.plan.compile.shard_modulation,
                              fuse_modulation=self.plan.compile.fuse_modulation,
                              fuse_gelu=self.plan.compile.fuse_gelu,

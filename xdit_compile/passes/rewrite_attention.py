@@ -45,8 +45,10 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx) -> bool:
             target, args = torch.ops.xdit.ulysses_attention.default, (ctx.group_name("ulysses"), sizes, backend)
             kind = f"ulysses x{u}"
         elif u == 1:
-            target, args = torch.ops.xdit.ring_attention.default, (ctx.group_name("ring"), sizes, backend)
-            kind = f"ring x{r}"
+            ce = getattr(ctx, "ring_transfer", "nccl") == "copy_engine" and mask is None and len(set(sizes)) == 1
+            target = torch.ops.xdit.ring_attention.default
+            args = (ctx.group_name("ring"), sizes, backend, "copy_engine" if ce else "nccl")
+            kind = f"ring x{r}" + (" (k/v by the copy engines)" if ce else "")
         else:
             target = torch.ops.xdit.usp_attention.default
             args = (ctx.group_name("ulysses"), ctx.group_name("ring"), sizes, backend)

@@ -160,6 +160,7 @@ class CompileConfig:
     SECTION: ClassVar[str] = "compile"
     LOWERINGS: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onediff")
     ALL_TO_ALLS: ClassVar[tuple[str, ...]] = ("auto", "nccl", "symm_mem", "allgather_kv", "copy_engine")
+    RING_TRANSFERS: ClassVar[tuple[str, ...]] = ("auto", "nccl", "copy_engine")
 
     lowering: str = "eager"
     """eager (run the rewritten graph as is), inductor (torch's compiler), onediff (optional package)."""
@@ -196,6 +197,13 @@ class CompileConfig:
     H200 benchmarks/ce_check.py; against one process on CPU). FLUX 2048² ulysses 2 on 2 x H200: 347.5 -> 343.7 and
     347.3 -> 343.4 ms/step; a ulysses-4 rank's kernels 162.9 -> 161.0 ms (benchmarks/results/session26/). Not
     applied with ulysses_chunks or to attention in query_parts."""
+    ring_transfer: str = "auto"
+    """How ring attention (parallel.ring > 1 with ulysses = 1) moves k/v. nccl: blocks pass around the ring by NCCL
+    send/recv, one attention and one partial output per block, merged once. copy_engine (runtime/ce_ring.py): each
+    rank's k/v are copied once into every peer's buffer by the copy engines (no SM) while the rank attends its own
+    block, then the peers' blocks are attended in one call and the two partial outputs merged; equal shards and
+    unmasked attention only (others keep nccl). auto: copy_engine on CUDA when the ring spans the whole job on one
+    host's GPUs, else nccl."""
     all_to_all: str = "auto"
     """Decomposed Ulysses only: how its all-to-alls move data (USP's all-to-alls, around the ring op, are functional
     collectives under nccl and copy_engine; symm_mem and allgather_kv keep the USP op). auto (default): copy_engine with lowering = "inductor" on
@@ -278,6 +286,7 @@ class CompileConfig:
                              "(it fuses the sharded linears); set shard_modulation = true or drop fuse_modulation")
         _check_int(f"{self.SECTION}.ulysses_chunks", self.ulysses_chunks)
         _check_choice(f"{self.SECTION}.all_to_all", self.all_to_all, self.ALL_TO_ALLS)
+        _check_choice(f"{self.SECTION}.ring_transfer", self.ring_transfer, self.RING_TRANSFERS)
         _check_int(f"{self.SECTION}.query_parts", self.query_parts)
         _check_bool(f"{self.SECTION}.ce_in_place", self.ce_in_place)
         if self.query_parts > 1 and (self.all_to_all != "copy_engine" or self.ulysses_chunks > 1):

@@ -93,11 +93,21 @@ def ring_attention(
     group_name: str,
     seq_sizes: Sequence[int],
     backend: str,
+    transfer: str = "nccl",
 ) -> Tensor:
-    """K/V blocks travel around the ring; per-block attention with LSE, merged exactly."""
+    """K/V blocks travel around the ring; per-block attention with LSE, merged exactly. transfer "copy_engine":
+    k/v copied by the copy engines into every peer's buffer (runtime/ce_ring.py; equal shards, no mask)."""
     _check_qkv(q, k, v, enable_gqa, backend)
     pg = _resolve(group_name)
     rank, sizes = _check_layout(q, pg, seq_sizes, "group_name")
+    if transfer == "copy_engine":
+        if attn_mask is not None or len(set(sizes)) != 1:
+            raise ValueError(f"ring_attention transfer 'copy_engine' takes equal shards and no mask (got seq_sizes "
+                             f"{sizes}, mask {'given' if attn_mask is not None else 'none'}); use transfer 'nccl'")
+        from .ce_ring import ring_ce
+        return ring_ce(q, k, v, scale, group_name, backend).contiguous()
+    if transfer != "nccl":
+        raise ValueError(f"ring_attention: transfer {transfer!r} is not 'nccl' or 'copy_engine'")
     mask = _prepare_mask(attn_mask, q, sizes[rank], sum(sizes))
     return _ring(q, k, v, mask, scale, pg, rank, sizes, enable_gqa, backend).contiguous()
 
