@@ -451,6 +451,8 @@ CASES = {
     "flux_chunks_overlap": {"model": "flux", "size": {"text_len": 8}, "heads": 8,
                             "compile": {"ulysses_chunks": 4, "overlap": True}},
     "wan": {"model": "wan", "size": {}, "compile": {}},
+    "flux_ring_ce": {"model": "flux", "size": {"text_len": 8}, "parallel": {"ring": 2},
+                     "compile": {"ring_transfer": "copy_engine"}},
     "flux_agkv": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "allgather_kv"}},
     # symm_mem: xdit.symm_all_to_all in the same token-major layout (on CPU its all_to_all_single fallback)
     "flux_symm": {"model": "flux", "size": {"text_len": 8}, "compile": {"all_to_all": "symm_mem"}},
@@ -585,7 +587,7 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
 
 # four ranks: ulysses 2 x ring 2 (USP), its Ulysses all-to-alls decomposed around the ring op
 CASES4 = {"flux_usp": {"model": "flux", "size": {"text_len": 8}, "parallel": {"ulysses": 2, "ring": 2},
-                       "compile": {"fuse_gelu": False}}}
+                       "compile": {"fuse_gelu": False, "ring_transfer": "copy_engine"}}}
 _RESULTS: dict = {}
 
 
@@ -613,6 +615,15 @@ def test_decomposed_matches(key):
         assert r["n_op"] == 0, f"{key} rank {rank}: {r['n_op']} {ULYSSES} nodes left\n{r['explain']}"
         assert r["n_a2a"] > 0 and r["n_a2a"] == 2 * chunks * r["n_decomposed"], f"{key} rank {rank}: {r}"
         assert "decomposed" in r["explain"]
+
+
+def test_ring_copy_engine_under_inductor():
+    """ring 2 with compile.ring_transfer = "copy_engine" under Inductor: every ring call takes the copy-engine path
+    (its gloo fallback here), the output matches one process, and its k / v buffers were made before the first run."""
+    for rank, r in enumerate(_results("flux_ring_ce")):
+        assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
+        assert r["n_ring"] > 0 and "ring x2 (k/v by the copy engines)" in r["explain"], r["explain"]
+        assert r["ce_reserved"] == 2 and not r["ce_late"], (r["ce_reserved"], r["ce_late"])
 
 
 def test_symm_mem_decomposed_matches():
@@ -820,9 +831,12 @@ def test_symm_all_to_all_op_on_cpu():
 
 def test_usp_decomposed_matches():
     """ulysses 2 x ring 2 on four gloo ranks under Inductor: every USP call became the two functional all-to-alls
-    around the ring op, and the output matches one process."""
+    around the ring op (compile.ring_transfer = "copy_engine": here its gloo fallback), and the output matches one
+    process."""
     for rank, r in enumerate(_results("flux_usp")):
         assert r["rel_err"] < REL_TOL, f"rank {rank}: relative error {r['rel_err']:.3e}\n{r['explain']}"
         assert r["n_usp"] == 0 and r["n_ring"] == r["n_decomposed"] > 0, f"rank {rank}: {r}"
         assert r["n_a2a"] == 2 * r["n_decomposed"], f"rank {rank}: {r}"
-        assert "ring attention over 2 ranks" in r["explain"]
+        assert "ring attention over 2 ranks (k/v by the copy engines)" in r["explain"]
+        # the ring's k / v buffers (runtime/ce_ring.py) were made before the graph first ran
+        assert r["ce_reserved"] == 2 and not r["ce_late"], (r["ce_reserved"], r["ce_late"])

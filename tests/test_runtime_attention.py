@@ -140,18 +140,30 @@ def _check_ring_copy_engine(rank, world_size):
     group = dist.group.WORLD.group_name
     sizes = [3] * world_size
     lo, hi = 3 * rank, 3 * (rank + 1)
+    from xdit_compile.runtime import ce_ring
+
     failures = []
-    for case in [c for c in CASES if c[4] is None] + [("dv_ne_d_plain", 4, 2, 6, None, {"enable_gqa": True})]:
-        name, hq, hkv, dv, mask_kind, extra = case
-        for call in range(2):
-            q, k, v, _ = _full_inputs(case, sum(sizes), seed=call)
-            gqa = extra.get("enable_gqa", False)
-            ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)[:, :, lo:hi]
-            out = torch.ops.xdit.ring_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], None, None, gqa, group,
-                                                sizes, "auto", "copy_engine")
-            if out.shape != ref.shape or not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
-                err = (out - ref).abs().max().item() if out.shape == ref.shape else f"shape {tuple(out.shape)}"
-                failures.append(f"rank {rank} ring copy_engine {name} call {call}: {err}")
+    cases = [c for c in CASES if c[4] is None] + [("dv_ne_d_plain", 4, 2, 6, None, {"enable_gqa": True})]
+    # COPY_TOKENS sets how the peers' blocks are grouped into attention calls: at 4 ranks of 3 tokens, 3000 -> one
+    # block per call, 2 -> one, then the other two together, 1 -> all three in one call
+    seen = []
+    for tokens in (3000, 2, 1):
+        ce_ring.COPY_TOKENS = tokens
+        seen.append(ce_ring._stages(world_size, 3))
+        for case in cases:
+            name, hq, hkv, dv, mask_kind, extra = case
+            for call in range(2):
+                q, k, v, _ = _full_inputs(case, sum(sizes), seed=call)
+                gqa = extra.get("enable_gqa", False)
+                ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)[:, :, lo:hi]
+                out = torch.ops.xdit.ring_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], None, None, gqa,
+                                                    group, sizes, "auto", "copy_engine")
+                if out.shape != ref.shape or not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
+                    err = (out - ref).abs().max().item() if out.shape == ref.shape else f"shape {tuple(out.shape)}"
+                    failures.append(f"rank {rank} ring copy_engine {name} call {call} stages {seen[-1]}: {err}")
+    if len({str(x) for x in seen}) != (3 if world_size == 4 else 1):
+        failures.append(f"groupings tried: {seen}")
+    ce_ring.COPY_TOKENS = 3000
     q = torch.randn(1, 2, 3, 8)
     for sizes_, mask in (([4] + [3] * (world_size - 1), None), (sizes, torch.ones(1, 1, 3, 3 * world_size) > 0)):
         if rank == 0 and sizes_ != sizes:
@@ -165,6 +177,18 @@ def _check_ring_copy_engine(rank, world_size):
             if "equal shards and no mask" not in str(e):
                 failures.append(f"rank {rank}: unclear error {e}")
     return failures
+
+
+def test_ring_copy_engine_stages():
+    """Which peers' blocks each attention call takes after the own block (ce_ring._stages), in arrival order."""
+    from xdit_compile.runtime.ce_ring import _stages
+
+    assert _stages(2, 8448) == [[0]]                      # FLUX 2048² ring 2
+    assert _stages(2, 10) == [[0]]
+    assert _stages(4, 4224) == [[2], [1], [0]]            # FLUX 2048² ring 4: each block as it lands
+    assert _stages(4, 8190) == [[2], [0, 1]]              # Wan 480p ring 4
+    assert _stages(4, 20000) == [[0, 1, 2]]
+    assert _stages(8, 1000) == [[6], [5], [4], [3], [2], [1], [0]]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -164,8 +164,7 @@ UNEVEN_2 = {
     # ring attention with k/v by the copy engines (runtime/ce_ring.py; on CPU its gloo fallback, same layout and merge)
     "flux_ring2_ce": {"model": "flux", "parallel": {"ring": 2}, "size": {"text_len": 8},
                       "compile": {"ring_transfer": "copy_engine"}},
-    "wan_ring2_ce_inductor": {"model": "wan", "parallel": {"ring": 2}, "lowering": "inductor",
-                              "compile": {"ring_transfer": "copy_engine"}},
+    "wan_ring2_ce": {"model": "wan", "parallel": {"ring": 2}, "compile": {"ring_transfer": "copy_engine"}},
 }
 _add_group("uneven4", 4, UNEVEN_4, timeout=600)
 _add_group("extras2", 2, UNEVEN_2, timeout=600)
@@ -284,7 +283,7 @@ def test_odd_grid_2(key):
     assert any(u % 2 for u in per_rank[0]["units"]), f"{key}: sharded segments {per_rank[0]['units']}"
 
 
-@pytest.mark.parametrize("key", ["flux_ring2_ce", "wan_ring2_ce_inductor"])
+@pytest.mark.parametrize("key", ["flux_ring2_ce", "wan_ring2_ce"])
 def test_ring_copy_engine_plan(key):
     """compile.ring_transfer = "copy_engine": every sequence-parallel attention became the copy-engine ring (the
     even shards of these sizes) and the output matches one process."""

@@ -141,7 +141,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                                             if mode not in ("nccl", "copy_engine") else None))
             if not reason:
                 sizes = list(sp_sizes[:u])
-                ring = (rgroup, [u * sizes[0]] * (len(sp_sizes) // u), backend)
+                ring_ce = getattr(ctx, "ring_transfer", "nccl") == "copy_engine"   # asked for explicitly
+                ring = (rgroup, [u * sizes[0]] * (len(sp_sizes) // u), backend, "copy_engine" if ring_ce else "nccl")
                 mode = "nccl"    # copy_engine stays with Ulysses-only attention (unmeasured on subgroups)
         else:
             q, k, v, _mask, scale, _gqa, group, sizes, _backend = n.args
@@ -179,6 +180,12 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
                 slot += 1
             else:
                 out = _emit(g, q, k, v, scale, group, len(sizes), chunks, symm, ring)
+                if ring and ring[3] == "copy_engine" and hasattr(ctx, "ce_buffers"):   # the ring's k / v buffers
+                    from ..runtime import ce_ring
+                    kv = k.meta["example_value"]     # full size (B, H, L, D): after the all-to-all H / u heads
+                    ctx.ce_buffers += ce_ring.buffer_specs(ring[0], len(ring[1]), (kv.shape[0], kv.shape[1] // u, 0,
+                                                           kv.shape[3]), v.meta["example_value"].shape[3],
+                                                           ring[1][0], kv.dtype, kv.device)
                 if symm and hasattr(ctx, "symm_buffers"):    # its two calls' buffers, made before the first run
                     qv = q.meta["example_value"]
                     local = qv.numel() // qv.shape[2] * sizes[0]
@@ -201,7 +208,8 @@ def decompose_ulysses_pass(gm: fx.GraphModule, ctx) -> bool:
             if mode == "copy_engine" and in_place:
                 extra += f", written in place: {' '.join(k[0] for k in in_place)}"
             if ring:
-                how = how.replace("+ sdpa", f"+ ring attention over {len(ring[1])} ranks")
+                how = how.replace("+ sdpa", f"+ ring attention over {len(ring[1])} ranks"
+                                  + (" (k/v by the copy engines)" if ring[3] == "copy_engine" else ""))
             rec["became"] = f"{rec['became']} ({how}{extra})"
             rec["decomposed"] = True
         changed = True

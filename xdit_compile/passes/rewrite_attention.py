@@ -49,6 +49,11 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx) -> bool:
             target = torch.ops.xdit.ring_attention.default
             args = (ctx.group_name("ring"), sizes, backend, "copy_engine" if ce else "nccl")
             kind = f"ring x{r}" + (" (k/v by the copy engines)" if ce else "")
+            if ce and hasattr(ctx, "ce_buffers"):    # made before the graph first runs (ce_a2a.reserve)
+                from ..runtime import ce_ring
+                kv, vv = k.meta["example_value"], v.meta["example_value"]
+                ctx.ce_buffers += ce_ring.buffer_specs(ctx.group_name("ring"), r, kv.shape, vv.shape[3], sizes[0],
+                                                       kv.dtype, kv.device)
         else:
             target = torch.ops.xdit.usp_attention.default
             args = (ctx.group_name("ulysses"), ctx.group_name("ring"), sizes, backend)

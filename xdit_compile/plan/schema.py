@@ -198,12 +198,13 @@ class CompileConfig:
     347.3 -> 343.4 ms/step; a ulysses-4 rank's kernels 162.9 -> 161.0 ms (benchmarks/results/session26/). Not
     applied with ulysses_chunks or to attention in query_parts."""
     ring_transfer: str = "auto"
-    """How ring attention (parallel.ring > 1 with ulysses = 1) moves k/v. nccl: blocks pass around the ring by NCCL
-    send/recv, one attention and one partial output per block, merged once. copy_engine (runtime/ce_ring.py): each
-    rank's k/v are copied once into every peer's buffer by the copy engines (no SM) while the rank attends its own
-    block, then the peers' blocks are attended in one call and the two partial outputs merged; equal shards and
-    unmasked attention only (others keep nccl). auto: copy_engine on CUDA when the ring spans the whole job on one
-    host's GPUs, else nccl."""
+    """How ring attention moves k/v. nccl: blocks pass around the ring by NCCL send/recv, one attention and one
+    partial output per block, merged once. copy_engine (runtime/ce_ring.py): each rank's k/v are copied once into
+    every peer's buffer by the copy engines (no SM) while the rank attends its own block; the peers' blocks are then
+    attended as they land and the partial outputs merged once. Equal shards and unmasked attention only (other
+    calls keep nccl). auto: copy_engine on CUDA when the ring spans the whole job (ulysses = 1) on one host's GPUs,
+    else nccl; inside USP (ulysses x ring, Inductor) only when set to copy_engine (not measured on GPUs yet).
+    FLUX.1-dev 2048² ring 2 on 2 x H200: 347.6 ms/step against 373.5 with nccl (benchmarks/results/session29/)."""
     all_to_all: str = "auto"
     """Decomposed Ulysses only: how its all-to-alls move data (USP's all-to-alls, around the ring op, are functional
     collectives under nccl and copy_engine; symm_mem and allgather_kv keep the USP op). auto (default): copy_engine with lowering = "inductor" on

@@ -396,7 +396,11 @@ def reserve(specs: list[tuple]) -> list[tuple]:
         n = dist.distributed_c10d._resolve_process_group(group_name).size()
         ce = available(group_name, device) and n > 1
         _buffer(group_name, kind, slot, mem_shape, dtype, device, ce)
-        if ce and flag:
+        if kind.startswith("ring_"):     # runtime/ce_ring.py's k / v buffers: its own flags
+            if ce:
+                from .ce_ring import _ring_flags
+                _ring_flags(group_name, n, device)
+        elif ce and flag:
             _flags(group_name, kind, slot, flag_chunks, n, device)
         made.append((group_name, kind, slot, tuple(mem_shape), dtype, device))
     return made
