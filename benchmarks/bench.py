@@ -37,7 +37,8 @@ Methods:
              into the receive buffers: no own-piece copies, runtime/ce_in_place.py; the default since session 26, so
              xdit_cg_ce_fm has it too), xdit_cg_ce_fm_noip with it off;
              xdit_cg_ce_fm_rn = xdit_cg_ce_fm with compile.ring_transfer = "nccl" (ring degrees: k/v around the ring
-             by NCCL send/recv; xdit_cg_ce_fm's "auto" moves them by the copy engines, runtime/ce_ring.py);
+             by NCCL send/recv; xdit_cg_ce_fm's "auto" moves them by the copy engines, runtime/ce_ring.py, where
+             the ring is the whole job), xdit_cg_ce_fm_rce with "copy_engine" (inside ulysses x ring too);
              xdit_cg_ce_fsm1 = xdit_cg_ce_fm with XDIT_CE_SM_PEERS=1 (of each exposed transfer, one peer's piece
              stored by SMs over NVLink beside the copy engine's), _fsm2 two peers' pieces, _fsm3 every peer's
              piece by SMs (a GPU's copy-engine copies to its peers run one after another, session 28);
@@ -135,6 +136,8 @@ XDIT_COMPILE = {"xdit": {"lowering": "eager"}, "xdit_ind": {"lowering": "inducto
                                    "fuse_modulation": True, "ce_in_place": True},
                 "xdit_cg_ce_fm_rn": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                      "fuse_modulation": True, "ring_transfer": "nccl"},
+                "xdit_cg_ce_fm_rce": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
+                                      "fuse_modulation": True, "ring_transfer": "copy_engine"},
                 "xdit_cg_ce_fm_noip": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
                                        "fuse_modulation": True, "ce_in_place": False},
                 **{f"xdit_cg_ce_fsm{k}": {"lowering": "inductor", "cudagraphs": True, "all_to_all": "copy_engine",
@@ -188,7 +191,7 @@ SAFE_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSH
 # rough seconds per row on one H100 (build, compile, 7 calls), for --budget-s (the whole-FLUX compile with
 # CUDA graphs took 130-154 s on 4 x H100 in session 13)
 EST_S = {"eager": 20, "inductor": 100, "xdit": 25, "xdit_ind": 100, "xdit_cg_op": 150, "xdit_cg": 150,
-         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fm_rn": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm2": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc5": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
+         "xdit_cg_ov": 100, "xdit_cg_sm": 150, "xdit_cg_ag": 150, "xdit_cg_ce": 150, "xdit_cg_ceb": 150, "xdit_cg_cef": 150, "xdit_cg_ce_fm": 150, "xdit_cg_ce_fms": 150, "xdit_cg_ce_fml": 150, "xdit_cg_ce_fip": 150, "xdit_cg_ce_fm_noip": 150, "xdit_cg_ce_fm_rn": 150, "xdit_cg_ce_fm_rce": 150, "xdit_cg_ce_fsm1": 150, "xdit_cg_ce_fsm2": 150, "xdit_cg_ce_fsm3": 150, "xdit_cg_ce_fq2": 150, "xdit_cg_ce_fq4": 150, "xdit_cg_ce_fc2": 150, "xdit_cg_ce_fc3": 150, "xdit_cg_ce_fc5": 150, "xdit_cg_ce_fc2sm1": 150, "xdit_cg_ce_fmg": 150, "xdit_cg_ce_fm_nog": 150, "xdit_cg_ce_fm_nr": 150, "xdit_cg_ce_fm_fl": 150, "xdit_cg_ce_fm_nol": 150, "xdit_cg_ce_fm_sdpa": 150, "xdit_cg_ce_sdpa": 150, "xdit_cg_ce_c2": 150, "xdit_cg_ce_c3": 150, "xdit_cg_ce_c5": 150, "xdit_cg_nomod": 150, "xdit_cg_nocat": 150, "xdit_cg_mat": 250, "xdit_cg_ce_fm_mat": 250, "xdit_cg_smnm": 150,
          **{m: 100 for m in CHUNKED}, "diffusers": 40, "diffusers_ind": 100, "xfuser": 40, "xfuser_ind": 100}
 EST_SCALE = {"flux1024": 1.0, "flux2048": 1.5, "wan480": 1.0, "sd3cfg": 0.5}
 T0 = time.time()
@@ -284,6 +287,8 @@ def _decomposed_note(m):
     how = ("symm-mem all-to-all" if "symm_all_to_all" in became else
            "copy-engine all-to-all" if "copy-engine" in became else
            "all-gather k/v" if "all-gather of k, v" in became else "all-to-all as functional collectives")
+    usp_ce = sum("(k/v by the copy engines)" in a.get("became", "") for a in att)
+    how += f" (ring k/v by the copy engines in {usp_ce})" if usp_ce else ""
     inplace = sum("written in place" in a.get("became", "") for a in att)
     how += f" ({inplace} written in place)" if inplace else ""
     return f"{how}: {sum(bool(a.get('decomposed')) for a in att)}/{len(att)} attention{mod}"
@@ -854,6 +859,8 @@ METHOD_LABEL = {"eager": "1 GPU eager", "inductor": "1 GPU Inductor", "xdit": "x
                                       "GEMV, own pieces copied: no ce_in_place)",
                 "xdit_cg_ce_fm_rn": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                     "GEMV, ring k/v by NCCL send/recv)",
+                "xdit_cg_ce_fm_rce": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
+                                     "GEMV, ring k/v by the copy engines also inside ulysses x ring)",
                 "xdit_cg_ce_fsm1": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "
                                    "GEMV, one peer's piece of exposed transfers by SMs)",
                 "xdit_cg_ce_fsm2": "xdit_compile (Inductor + CUDA graphs, copy-engine all-to-all, one modulation "

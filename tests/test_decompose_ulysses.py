@@ -143,12 +143,15 @@ def _usp_graph(sizes, mode="nccl"):
     return gm, ctx
 
 
+@pytest.mark.parametrize("ring_transfer", ["nccl", "copy_engine"])
 @pytest.mark.parametrize("mode", ["nccl", "copy_engine"])
-def test_usp_decomposed_around_ring(mode):
+def test_usp_decomposed_around_ring(mode, ring_transfer):
     """USP: the two all-to-alls in the Ulysses group become functional collectives (with copy_engine too: the copy
     engines stay with Ulysses-only attention), and the ring attention between them stays the ring op, over the
-    ring group, on the Ulysses group's 2 x 4 tokens per ring rank."""
+    ring group, on the Ulysses group's 2 x 4 tokens per ring rank, with k/v moved as compile.ring_transfer says (the
+    copy-engine ring's two buffers recorded for the backend to make first)."""
     gm, ctx = _usp_graph([4, 4, 4, 4], mode)
+    ctx.ring_transfer, ctx.ce_buffers = ring_transfer, []
     assert decompose_ulysses_pass(gm, ctx)
     gm.graph.lint()
     targets = _targets(gm)
@@ -157,8 +160,11 @@ def test_usp_decomposed_around_ring(mode):
     a2a = [n for n in gm.graph.nodes if n.target is torch.ops._c10d_functional.all_to_all_single.default]
     assert all(n.args[1:] == ([1, 1], [1, 1], "u") for n in a2a)
     ring = next(n for n in gm.graph.nodes if n.target is RING_OP)
-    assert ring.args[3:] == (None, 0.5, False, "r", [8, 8], "auto")
+    assert ring.args[3:] == (None, 0.5, False, "r", [8, 8], "auto", ring_transfer)
     assert "ring attention over 2 ranks" in ctx.attention_report[0]["became"]
+    ce = ring_transfer == "copy_engine"
+    assert ("(k/v by the copy engines)" in ctx.attention_report[0]["became"]) == ce
+    assert [spec[1] for spec in ctx.ce_buffers] == (["ring_k", "ring_v"] if ce else [])
 
 
 @pytest.mark.parametrize("sizes,mode,reason", [

@@ -4,9 +4,9 @@
 
 Why: the NCCL ring (attention._ring) moves each k/v block with send/recv kernels, which need SMs while the
 block's attention holds every SM. Here each rank copies its k and v once into every peer's receive buffer with
-cuMemcpy2DAsync (copy engines, no SM) and attends its own block while they travel. Then it attends the peers'
-blocks as they land: one per call while the copies are still behind, the rest in one call (_stages). It merges the
-partial outputs once (_lse.merge_lse_all).
+cuMemcpy2DAsync (copy engines, no SM; one stream, peer me + 1 first) and attends its own block while they travel.
+Then it attends the peers' blocks as they land: one per call while the copies are still behind, the rest in one
+call (_stages). It merges the partial outputs once (_lse.merge_lse_all).
 Measured on 2 x H200 (benchmarks/results/session29/): FLUX.1-dev 2048² ring 2, 347.6 ms/step against 373.5 with the
 NCCL ring (and 342.8 for ulysses 2 in the same call); Wan2.1-14B 480p ring 2, 1386.2 against ulysses 2's 1386.3. One
 attention call at the FLUX 2048² ring-2 shape (ring_check.py): 2.98 ms, the NCCL ring 3.14, the rank's queries over
@@ -104,14 +104,14 @@ def _peer_blocks(k: Tensor, v: Tensor, group_name: str, pg, n: int, me: int) -> 
     fl = _ring_flags(group_name, n, k.device)
     xts = [x.transpose(1, 2).contiguous() for x in (k, v)]     # (B, S, Hk, D): no copy when already so
     e = k.element_size()
-    streams, _ = ce_a2a._streams(k.device, n)
+    # One stream for every destination, in the order me + 1, me + 2, ...: a GPU's peer copies go through one copy
+    # engine anyway (session 28's trace: never two at once), and one stream makes them land in the order _stages
+    # attends them (streams per destination would let the engine interleave them, and every block land late).
+    sj = ce_a2a._streams(k.device, n)[0][(me + 1) % n]
     cur = torch.cuda.current_stream(k.device)
-    ev_in = cur.record_event()
-    events = []
+    sj.wait_event(cur.record_event())
     for i in range(1, n):
         j = (me + i) % n
-        sj = streams[j]
-        sj.wait_event(ev_in)
         ce_a2a._wait_flags([fl["ptrs"][me] + (n + j) * 4], sj)     # j has read what I wrote last time
         blk = (me - j - 1) % n                                      # my block in j's rotated buffer
         for st, xt in zip(bufs, xts):
@@ -120,8 +120,7 @@ def _peer_blocks(k: Tensor, v: Tensor, group_name: str, pg, n: int, me: int) -> 
                 dst = st["ptrs"][j] + (bi * (n - 1) + blk) * s * row
                 ce_a2a._memcpy2d(dst, row, xt.data_ptr() + bi * xt.stride(0) * e, xt.stride(1) * e, row, s, sj)
         _write_flag(sj, fl["ptrs"][j] + me * 4)                     # ready[me] on j
-        events.append(sj.record_event())
-    return bufs[0]["buf"].transpose(1, 2), bufs[1]["buf"].transpose(1, 2), ["ce", events, fl, xts]
+    return bufs[0]["buf"].transpose(1, 2), bufs[1]["buf"].transpose(1, 2), ["ce", [sj.record_event()], fl, xts]
 
 
 COPY_TOKENS = 3000
