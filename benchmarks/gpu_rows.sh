@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_rows.sh "flux1024:xdit_cg,diffusers,xfuser:r4,u2xr2" "flux1024:xdit_cg_ce_fm,xfuser:u2:2"
 # A job is model:methods:degrees[:N] (bench.py --models / --methods / --degs; N GPUs, default min(4, G), the first N).
 # CALLS=K: K forwards per timing. AHEAD=MS: the GPU held MS ms before each timing (bench.py --gpu-ahead-ms).
+# RING_CHECK=N: first benchmarks/ring_check.py on N GPUs (ring attention's copy-engine and NCCL transfers: exact and
+# ms per call; $OUT/ring_check.md), before anything else uses the GPUs.
 # $OUT gets bench.md, scaling.png, rows.jsonl (every row, the 1-GPU references too), the logs and raw.tgz (NO_RAW=1: none).
 # Raw rows stay in /tmp/xb while the machine is warm; a later call resumes and keeps the references.
 set -u
@@ -27,6 +29,12 @@ for job in "$@"; do  # bad jobs fail before anything runs
   case $n in 2|4) ;; *) echo "gpu_rows.sh: job $job: N must be 2 or 4" >&2; exit 2 ;; esac
   [ $n -le $G ] || { echo "gpu_rows.sh: job $job needs $n GPUs, the machine has $G" >&2; exit 2; }
 done
+if [ -n "${RING_CHECK:-}" ]; then
+  PYTHONPATH=$PYTHONPATH:$PWD timeout 240 torchrun --nproc_per_node $RING_CHECK benchmarks/ring_check.py \
+    --out $OUT/ring_check.jsonl --md $OUT/ring_check.md > $OUT/ring_check.log 2>&1 \
+    && rm -f $OUT/ring_check.log   # kept only when it failed
+  cat $OUT/ring_check.md 2>/dev/null
+fi
 if [ -n "${MICRO:-}${MERGE:-}" ]; then
   ( [ -z "${MICRO:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/norm_rope.py --md $OUT/norm_rope.md > $OUT/norm_rope.log 2>&1
     [ -z "${MERGE:-}" ] || CUDA_VISIBLE_DEVICES=0 python3 benchmarks/lse_kernels.py --merge-only --out $OUT/lse_merge.md \

@@ -446,6 +446,26 @@ def test_all_to_all_auto(mode, lowering, device, ulysses, world, gpus, expected)
     assert _device_type([torch.zeros(1), 3]) == "cpu"
 
 
+@pytest.mark.parametrize("mode,device,ring,world,gpus,expected", [
+    ("auto", "cuda", 2, 2, 2, "copy_engine"),   # the ring is the whole job on one host: measured (session 29)
+    ("auto", "cuda", 4, 4, 8, "copy_engine"),
+    ("auto", "cuda", 8, 8, 4, "nccl"),          # several nodes
+    ("auto", "cuda", 2, 4, 4, "nccl"),          # ring a subgroup (ulysses x ring): copy_engine only when asked
+    ("auto", "cuda", 1, 4, 4, "nccl"),          # no ring
+    ("auto", "cpu", 2, 2, 0, "nccl"),           # gloo
+    ("copy_engine", "cuda", 2, 4, 4, "copy_engine"),   # an explicit choice is kept
+    ("nccl", "cuda", 2, 2, 2, "nccl"),
+])
+def test_ring_transfer_auto(mode, device, ring, world, gpus, expected):
+    from xdit_compile.backend import ring_transfer_mode
+    from xdit_compile.plan.schema import CompileConfig
+
+    assert ring_transfer_mode(mode, device, ring=ring, world=world, local_gpus=gpus) == expected
+    assert CompileConfig().ring_transfer == "auto"
+    with pytest.raises(ValueError, match="compile.ring_transfer"):
+        CompileConfig(ring_transfer="p2p")
+
+
 # --- end to end: two gloo ranks, Inductor -------------------------------------------------------------
 
 
