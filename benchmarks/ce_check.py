@@ -25,7 +25,7 @@ import statistics
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from gpu_util import init_nccl
+from gpu_util import init_nccl, reporter
 
 ROUNDS = 8
 
@@ -41,12 +41,7 @@ def main():
     gname = dist.group.WORLD.group_name
     ops = torch.ops.xdit
     assert ce_a2a.available(gname, dev), "copy-engine path not available on this machine"
-    rows = []
-
-    def report(**kw):
-        rows.append(kw)
-        if rank == 0:
-            print(json.dumps(kw), flush=True)
+    rows, report = reporter(rank)
 
     def gather(x):
         xs = [torch.empty_like(x) for _ in range(n)]

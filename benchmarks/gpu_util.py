@@ -1,7 +1,8 @@
-"""Shared pieces of the GPU micro-benchmarks: the torchrun start (a2a_bw.py, ce_overlap.py, ce_check.py) and a
-CUDA-event timer (gemm_fusion.py, ce_local_copy.py)."""
+"""Shared pieces of the GPU micro-benchmarks: the torchrun start (a2a_bw.py, ce_overlap.py, ce_check.py), rows
+printed by rank 0 (ce_check.py, ring_check.py) and a CUDA-event timer (gemm_fusion.py, ce_local_copy.py)."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 
@@ -16,6 +17,17 @@ def init_nccl() -> tuple[torch.device, int, int]:
     dev = torch.device("cuda", lr)
     dist.init_process_group("nccl", device_id=dev)
     return dev, dist.get_rank(), dist.get_world_size()
+
+
+def reporter(rank: int):
+    """(rows, report): report(**row) keeps the row and rank 0 prints it as one JSON line."""
+    rows = []
+
+    def report(**kw):
+        rows.append(kw)
+        if rank == 0:
+            print(json.dumps(kw), flush=True)
+    return rows, report
 
 
 def timed_us(fn, reps: int = 10, samples: int = 20) -> float:

@@ -19,7 +19,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from gpu_util import init_nccl
+from gpu_util import init_nccl, reporter
 
 ROUNDS, REPS = 4, 5
 SHAPES = {"flux2048": (24, 16896, 128), "wan480": (40, 32760, 128), "small": (4, 4096, 64)}   # heads, tokens, dim
@@ -37,12 +37,7 @@ def main():
     from xdit_compile.runtime._lse import attention_with_lse
     gname = dist.group.WORLD.group_name
     assert ce_a2a.available(gname, dev), "copy-engine path not available on this machine"
-    rows = []
-
-    def report(**kw):
-        rows.append(kw)
-        if rank == 0:
-            print(json.dumps(kw), flush=True)
+    rows, report = reporter(rank)
 
     for shape in args.shapes.split(","):
         h, total, d = SHAPES[shape]

@@ -228,15 +228,21 @@ def _flags(group_name: str, kind: str, slot: int, chunks: int, n: int, device: t
     key = (group_name, kind, slot, chunks, device)
     st = _FLAGS.get(key)
     if st is None:
-        def make():
-            import torch.distributed._symmetric_memory as symm_mem
-            flags = symm_mem.empty(chunks * n, dtype=torch.int32, device=device).zero_()
-            torch.cuda.synchronize(device)
-            hdl = symm_mem.rendezvous(flags, group_name)
-            off = flags.data_ptr() - hdl.buffer_ptrs[hdl.rank]
-            return {"flags": flags, "ptrs": [p + off for p in hdl.buffer_ptrs]}
-        st = _FLAGS[key] = _in_side_thread(make, device)
+        st = _FLAGS[key] = _in_side_thread(lambda: symm_ints(group_name, chunks * n, device), device)
     return st
+
+
+def symm_ints(group_name: str, size: int, device: torch.device, fill=None) -> dict:
+    """{"flags": (size,) int32 in symmetric memory, "ptrs": every rank's address of it}: zeroed (then fill(flags), if
+    given) before the rendezvous, so before any peer can write it. Run it in _in_side_thread."""
+    import torch.distributed._symmetric_memory as symm_mem
+    flags = symm_mem.empty(size, dtype=torch.int32, device=device).zero_()
+    if fill is not None:
+        fill(flags)
+    torch.cuda.synchronize(device)
+    hdl = symm_mem.rendezvous(flags, group_name)
+    off = flags.data_ptr() - hdl.buffer_ptrs[hdl.rank]
+    return {"flags": flags, "ptrs": [p + off for p in hdl.buffer_ptrs]}
 
 
 def _wait_flags(addrs: list[int], stream) -> None:

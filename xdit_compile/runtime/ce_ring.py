@@ -57,17 +57,9 @@ _FLAGS: dict = {}    # (group, device) -> {"flags": (2n,) int32 [ready | free], 
 def _ring_flags(group_name: str, n: int, device: torch.device) -> dict:
     key = (group_name, device)
     st = _FLAGS.get(key)
-    if st is None:
-        def make():
-            import torch.distributed._symmetric_memory as symm_mem
-            flags = symm_mem.empty(2 * n, dtype=torch.int32, device=device)
-            flags[:n].zero_()
-            flags[n:].fill_(1)
-            torch.cuda.synchronize(device)
-            hdl = symm_mem.rendezvous(flags, group_name)
-            off = flags.data_ptr() - hdl.buffer_ptrs[hdl.rank]
-            return {"flags": flags, "ptrs": [p + off for p in hdl.buffer_ptrs]}
-        st = _FLAGS[key] = _in_side_thread(make, device)
+    if st is None:     # ready flags 0, free flags 1
+        st = _FLAGS[key] = _in_side_thread(
+            lambda: ce_a2a.symm_ints(group_name, 2 * n, device, fill=lambda f: f[n:].fill_(1)), device)
     return st
 
 
